@@ -1,0 +1,1 @@
+"""The `eqk` command line (installed as `eqkernels.apps`)."""

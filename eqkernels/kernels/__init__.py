@@ -1,0 +1,49 @@
+"""Image kernels: specifications, the fast engine, group averages and GCNN twins.
+
+    >>> from eqkernels.kernels import ImageKernel
+    >>> k = ImageKernel("p4cnn")
+    >>> K = k(x_train)                    # {'nngp': (N,N), 'ntk': (N,N)}
+    >>> K_test = k(x_test, x_train)       # (Ntest, N) each
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from eqkernels.groups import PlanarGroup, get_group
+from eqkernels.kernels.families import family_kernels, readout
+from eqkernels.kernels.relative import RelativeKernels, relative_kernels
+from eqkernels.kernels.spec import KERNEL_FAMILIES, ConvNetSpec, KernelSpec
+
+__all__ = ["ImageKernel", "KernelSpec", "ConvNetSpec", "KERNEL_FAMILIES", "RelativeKernels",
+           "relative_kernels", "family_kernels", "readout"]
+
+
+class ImageKernel:
+    """The infinite-width NNGP and NTK of a named image kernel family, computed by the fast engine."""
+
+    def __init__(self, spec: KernelSpec | str = "cnn", *, dtype=jnp.float32, progress: bool | None = True,
+                 block_size: int = 96):
+        self.spec = KernelSpec(spec) if isinstance(spec, str) else spec
+        self.dtype = dtype
+        self.progress = progress
+        self.block_size = block_size
+
+    @property
+    def group(self) -> PlanarGroup:
+        return get_group(self.spec.group or "C1")
+
+    def relative(self, x1, x2=None, *, group: PlanarGroup | str | None = None, checkpoint: str | Path | None = None,
+                 description: str | None = None) -> RelativeKernels:
+        """Relative pooled kernels over `group` (default: the family's group) — reusable across families."""
+        return relative_kernels(self.spec.net, np.asarray(x1), None if x2 is None else np.asarray(x2),
+                                group or self.group, need_self=self.spec.net.readout != "linear",
+                                dtype=self.dtype, block_size=self.block_size, checkpoint=checkpoint,
+                                progress=self.progress, description=description or f"{self.spec.name} kernel")
+
+    def __call__(self, x1, x2=None, get: str | tuple = ("nngp", "ntk"), **kwargs):
+        """Kernel matrices between images x1 (N1,H,W,C) and x2 (N2,H,W,C) (x2=None: x1 with itself)."""
+        out = family_kernels(self.spec, self.relative(x1, x2, **kwargs))
+        return out[get] if isinstance(get, str) else {k: out[k] for k in get}

@@ -1,0 +1,210 @@
+"""Fast exact infinite-width kernels of CNNs, their group averages and their GCNN twins.
+
+The engine evaluates, for pairs of images (x, x'), the *pooled* kernels of the plain CNN
+(conv → ReLU)×depth → global average pool, before the readout:
+
+    K_pool(x, x') = mean_{t,t'} K̃ᴸ(t, t'),   Θ_pool(x, x') = mean_{t,t'} (K̇ᴸ ⊙ Θᴸ)(t, t')
+
+with the layer recursions of neural-tangents / Arora et al. (CNTK):
+
+    K¹(t,t')   = σ_w²/(q²C) ⟨patch_x(t), patch_x'(t')⟩ + σ_b²,           Θ¹ = K¹
+    Kˡ⁺¹(t,t') = σ_w²/q² Σ_z K̃ˡ(t+z, t'+z) + σ_b²
+    Θˡ⁺¹(t,t') = σ_w²/q² Σ_z (K̃ˡ + K̇ˡ⊙Θˡ)(t+z, t'+z) + σ_b²
+
+How it is organised, and why:
+- the first layer is one matrix product of patch matrices per pair;
+- each pair's spatial covariance (H·W)² is processed on its own inside a compiled loop, so the
+  working set of a pair stays in cache instead of streaming a batch of them through memory;
+- the arccos of the ReLU kernel is a vectorised polynomial (see `activations.arccos`);
+- the last spatial axis is padded to a multiple of 8 so XLA emits vector loops; padded
+  positions are masked out of the pooling;
+- group kernels are computed as *relative* kernels M_g(x, x') = K(x, g·x') for the |G| group
+  elements: the averaged kernel is mean_g M_g, and by Misof, Kessel & Gerken (ICML 2025,
+  Thm 4.1) the GCNN's pooled kernels are the same average, so |G| CNN evaluations replace the
+  |G|² of a direct group-convolution recursion;
+- for a symmetric train×train matrix only one of M_g[i,j] and M_{g⁻¹}[j,i] (which are equal)
+  is computed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eqkernels.groups import PlanarGroup
+from eqkernels.kernels.activations import relu_moments, relu_variance
+from eqkernels.kernels.spec import ConvNetSpec
+
+_LANES = 8  # float32 vector width on AVX2; padding the last axis to it keeps XLA's loops vectorised
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Static shapes of one side of the pair computation."""
+
+    size: int            # input height = width
+    widths: tuple        # per conv layer, the computed output width (incl. alignment columns)
+    heights: tuple       # per conv layer, the output height
+    valid_width: int     # last layer's true output width
+
+
+def _layer_sizes(net: ConvNetSpec, size: int) -> list[int]:
+    sizes, s = [], size
+    for _ in range(net.depth):
+        if net.padding == "VALID":
+            s = s - net.filter_size + 1
+        sizes.append(s)
+    return sizes
+
+
+def _pad_images(net: ConvNetSpec, x: jnp.ndarray, extra_cols: int) -> jnp.ndarray:
+    """Pad (N,H,W,C) images for the first convolution; add `extra_cols` alignment columns on the right."""
+    half = (net.filter_size - 1) // 2
+    if net.padding == "SAME":
+        x = jnp.pad(x, ((0, 0), (half, half), (half, half), (0, 0)))
+    elif net.padding == "CIRCULAR":
+        x = jnp.pad(x, ((0, 0), (half, half), (half, half), (0, 0)), mode="wrap")
+    if extra_cols:
+        # Edge copies give legitimate (finite, non-negative) covariances in the junk columns.
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, extra_cols), (0, 0)), mode="edge")
+    return x
+
+
+def _patches(x: jnp.ndarray, q: int) -> jnp.ndarray:
+    """(N,H,W,C) → (N, H−q+1, W−q+1, q·q·C) patch vectors."""
+    n, h, w, c = x.shape
+    cols = [x[:, a:h - q + 1 + a, b:w - q + 1 + b, :] for a in range(q) for b in range(q)]
+    return jnp.concatenate(cols, axis=-1)
+
+
+def _box_sum_2d(v: jnp.ndarray, net: ConvNetSpec) -> jnp.ndarray:
+    """Σ_z v(t+z) over the q×q window for (N,H,W) maps, with the network's padding."""
+    q, half = net.filter_size, (net.filter_size - 1) // 2
+    if net.padding == "SAME":
+        v = jnp.pad(v, ((0, 0), (half, half), (half, half)))
+    elif net.padding == "CIRCULAR":
+        v = jnp.pad(v, ((0, 0), (half, half), (half, half)), mode="wrap")
+    h, w = v.shape[1] - q + 1, v.shape[2] - q + 1
+    return sum(v[:, a:a + h, b:b + w] for a in range(q) for b in range(q))
+
+
+def _window_sum_4d(k: jnp.ndarray, net: ConvNetSpec) -> jnp.ndarray:
+    """Σ_z k(t+z, t'+z) for a pair covariance k of shape (H, W, H', W'), separably."""
+    q, half = net.filter_size, (net.filter_size - 1) // 2
+    if net.padding != "VALID":
+        mode = "wrap" if net.padding == "CIRCULAR" else "constant"
+        k = jnp.pad(k, [(half, half)] * 4, mode=mode)
+    h, w, h2, w2 = (s - q + 1 for s in k.shape)
+    s = sum(k[a:a + h, :, a:a + h2, :] for a in range(q))
+    return sum(s[:, b:b + w, :, b:b + w2] for b in range(q))
+
+
+def side_features(net: ConvNetSpec, images: jnp.ndarray, align: bool):
+    """Per-image data the pair loop needs: scaled patches (N,H1,W1,D) and per-layer std devs.
+
+    `align` pads the width (edge mode, VALID only) so the last layer's width is a multiple of 8.
+    Returns (patches, stds, valid_width) where stds[l] has shape (N, H_l, W_l).
+    """
+    n, size, size_w, channels = images.shape
+    q = net.filter_size
+    valid = _layer_sizes(net, size_w)[-1]
+    extra = (-valid) % _LANES if (align and net.padding == "VALID") else 0
+    x = _pad_images(net, images, extra)
+    scale = net.weight_std / math.sqrt(q * q * channels)
+    patches = _patches(x, q) * scale
+    bias_var = net.bias_std ** 2
+    var = jnp.sum(patches * patches, axis=-1) + bias_var
+    stds = [jnp.sqrt(var)]
+    for _ in range(net.depth - 1):
+        var = (net.weight_std ** 2 / q ** 2) * _box_sum_2d(relu_variance(var), net) + bias_var
+        stds.append(jnp.sqrt(var))
+    return patches, stds, valid
+
+
+def pooling_weights(net: ConvNetSpec, size: int, valid_width: int, padded_width: int, dtype) -> jnp.ndarray:
+    """Column of averaging weights over the last layer's (H, W_padded) grid; alignment columns get 0."""
+    height = _layer_sizes(net, size)[-1]
+    weights = (jnp.arange(padded_width) < valid_width).astype(dtype) / (height * height * height * valid_width)
+    return jnp.tile(weights, height)[:, None]
+
+
+def _pair_pooled(net: ConvNetSpec, weights, p1, s1, p2, s2):
+    """Pooled (K_pool, Θ_pool) for one pair: p = (H1,W1,D) patches, s = per-layer std maps.
+
+    `weights` (see `pooling_weights`) must be computed outside the compiled loop: built inside,
+    XLA fuses it into the matrix product and replaces the vectorised GEMV by a naive loop (8× slower).
+    """
+    h1, w1 = p1.shape[:2]
+    h1b, w1b = p2.shape[:2]
+    bias_var = net.bias_std ** 2
+    conv_scale = net.weight_std ** 2 / net.filter_size ** 2
+    k = (p1.reshape(h1 * w1, -1) @ p2.reshape(h1b * w1b, -1).T).reshape(h1, w1, h1b, w1b) + bias_var
+    t = k
+    for layer in range(net.depth):
+        k_tilde, k_dot = relu_moments(k, s1[layer][:, :, None, None], s2[layer][None, None])
+        t_tilde = k_dot * t
+        if layer + 1 < net.depth:
+            k = conv_scale * _window_sum_4d(k_tilde, net) + bias_var
+            t = conv_scale * _window_sum_4d(k_tilde + t_tilde, net) + bias_var
+    hl, wl, hlb, wlb = k_tilde.shape
+    # Reductions as a matrix product: XLA's CPU reduce loops are scalar, its dot is not.
+    both = jnp.stack([k_tilde, t_tilde]).reshape(2 * hl * wl, hlb * wlb)
+    sums = (both @ weights).reshape(2, hl * wl).sum(axis=1)
+    return sums[0], sums[1]
+
+
+@lru_cache(maxsize=64)
+def _compiled_pairs(net: ConvNetSpec, pairs_per_step: int):
+    """jit-compiled evaluation of a list of pairs; one compilation per shape."""
+
+    def run(weights, p1, s1, p2, s2, idx1, idx2):
+        def one(ij):
+            i, j = ij
+            return _pair_pooled(net, weights, p1[i], [s[i] for s in s1], p2[j], [s[j] for s in s2])
+
+        return jax.lax.map(one, (idx1, idx2), batch_size=pairs_per_step)
+
+    return jax.jit(run)
+
+
+def default_pairs_per_step() -> int:
+    """Pairs evaluated together: one on CPU (cache-resident), many on accelerators (parallelism)."""
+    return 1 if jax.default_backend() == "cpu" else 64
+
+
+class PairEvaluator:
+    """Evaluates pooled kernels for lists of (i, j) pairs between two featurised image sets."""
+
+    def __init__(self, net: ConvNetSpec, images1, images2, *, dtype=jnp.float32, pairs_per_step: int | None = None):
+        images1 = jnp.asarray(images1, dtype)
+        images2 = jnp.asarray(images2, dtype)
+        if images1.shape[1:] != images2.shape[1:]:
+            raise ValueError(f"image shapes differ: {images1.shape[1:]} vs {images2.shape[1:]}")
+        net.check_input_size(int(images1.shape[1]))
+        self.net = net
+        self.p1, self.s1, _ = side_features(net, images1, align=False)
+        self.p2, self.s2, self.valid_width = side_features(net, images2, align=True)
+        self.pairs_per_step = pairs_per_step or default_pairs_per_step()
+        self.weights = pooling_weights(net, int(images1.shape[1]), self.valid_width, int(self.s2[-1].shape[-1]), dtype)
+        self._fn = _compiled_pairs(net, self.pairs_per_step)
+
+    def dispatch(self, idx1: np.ndarray, idx2: np.ndarray):
+        """Start computing pooled (K, Θ) for pairs (idx1[k], idx2[k]); returns device arrays."""
+        return self._fn(self.weights, self.p1, self.s1, self.p2, self.s2, jnp.asarray(idx1, jnp.int32),
+                        jnp.asarray(idx2, jnp.int32))
+
+    def __call__(self, idx1: np.ndarray, idx2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled (K, Θ) for pairs (idx1[k], idx2[k]); two numpy arrays of len(idx1)."""
+        nngp, ntk = self.dispatch(idx1, idx2)
+        return np.asarray(nngp), np.asarray(ntk)
+
+
+def transformed_stack(images: np.ndarray, group: PlanarGroup | None) -> np.ndarray:
+    """[g·x for g in G for x in images]: array (|G|·N, H, W, C), group-major."""
+    if group is None:
+        return np.asarray(images)
+    return np.concatenate([group.act(np.asarray(images), g) for g in group.elements])

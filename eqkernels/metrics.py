@@ -1,0 +1,54 @@
+"""Evaluation measures: classification quality, regression errors and symmetry measures."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    return float(np.mean(labels == predicted)) if len(labels) else float("nan")
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """(C, C) counts: row = true class, column = predicted class."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(labels, int), np.asarray(predicted, int)), 1)
+    return cm
+
+
+def per_class_recall(cm: np.ndarray) -> np.ndarray:
+    """Recall of each class from a confusion matrix (NaN where a class has no test example)."""
+    totals = cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(cm) / np.maximum(totals, 1), np.nan)
+
+
+def orbit_same_predictions(orbit_predictions: np.ndarray) -> np.ndarray:
+    """How many of the |G| transformed copies get the prediction of the untransformed input.
+
+    `orbit_predictions` (|G|, N): predicted class of g·x_n, identity first. Returns (N,) in 1..|G|;
+    |G| everywhere means the classifier is invariant on these inputs (Gerken & Kessel 2024).
+    """
+    p = np.asarray(orbit_predictions)
+    return np.sum(p == p[0][None], axis=0)
+
+
+def max_relative_change(orbit_outputs: np.ndarray) -> float:
+    """max over inputs and group elements of ‖f(g·x) − f(x)‖ / ‖f(x)‖ for outputs (|G|, N, T)."""
+    out = np.asarray(orbit_outputs, dtype=np.float64)
+    if out.ndim == 2:
+        out = out[..., None]
+    base = out[0]
+    norm = np.linalg.norm(base, axis=-1)
+    diff = np.linalg.norm(out - base[None], axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.where(norm[None] > 0, diff / np.maximum(norm[None], 1e-300), diff)
+    return float(np.max(rel)) if rel.size else 0.0
+
+
+def mae(y: np.ndarray, predicted: np.ndarray) -> float:
+    return float(np.mean(np.abs(np.asarray(y) - np.asarray(predicted))))
+
+
+def rmse(y: np.ndarray, predicted: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(y) - np.asarray(predicted)) ** 2)))

@@ -1,0 +1,81 @@
+"""Mean predictions of infinitely wide networks trained by gradient flow on the MSE loss.
+
+For a kernel Θ (the NTK) on training inputs X with targets Y (N, T), learning rate η and time t
+(Jacot et al. 2018; the loss is ½ Σ_i ‖f(x_i) − y_i‖², summed, so t counts gradient-descent steps):
+
+    μ_t(x) = Θ(x, X) Θ(X, X)⁻¹ (I − exp(−η Θ(X, X) t)) Y = Θ(x, X) α_t
+
+t = ∞ is kernel ridge regression, α = (Θ + λ I)⁻¹ Y, with λ = `ridge` × mean(diag Θ) so that
+the regulariser does not depend on the kernel's scale. With the NNGP kernel K the same
+formulas give the Bayesian posterior mean, and its posterior variance
+K(x, x) − K(x, X)(K + λI)⁻¹K(X, x) is the predictive uncertainty offered here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from eqkernels.errors import InputError
+
+
+def _regulariser(k_train: np.ndarray, ridge: float) -> float:
+    scale = float(np.mean(np.diag(k_train)))
+    return ridge * (scale if scale > 0 else 1.0)
+
+
+def dual_coefficients(k_train: np.ndarray, y: np.ndarray, *, ridge: float = 1e-6, time: float | None = None,
+                      learning_rate: float = 1.0) -> np.ndarray:
+    """α with μ_t(x) = Θ(x, X) α for targets y (N,) or (N, T); `time=None` means t = ∞."""
+    k = np.asarray(k_train, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] != y.shape[0]:
+        raise ValueError(f"kernel {k.shape} and targets {y.shape} do not match")
+    if not np.all(np.isfinite(k)):
+        raise InputError("the training kernel has NaN or infinite entries")
+    n = k.shape[0]
+    k = 0.5 * (k + k.T)
+    reg = _regulariser(k, ridge)
+    if time is None or math.isinf(time):
+        try:
+            factor = scipy.linalg.cho_factor(k + reg * np.eye(n), lower=True, check_finite=False)
+            return scipy.linalg.cho_solve(factor, y, check_finite=False)
+        except np.linalg.LinAlgError:
+            raise InputError("the training kernel is singular even with the ridge; increase --ridge "
+                             "(duplicate training inputs cause this)") from None
+    if time < 0:
+        raise ValueError(f"time must be >= 0, got {time}")
+    evals, evecs = np.linalg.eigh(k + reg * np.eye(n))
+    evals = np.clip(evals, 0.0, None)
+    # (1 − e^{−ηλt})/λ, with its limit ηt where λ → 0 (a direction gradient flow has not moved along).
+    rate = learning_rate * time
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain = np.where(evals * rate > 1e-12, -np.expm1(-evals * rate) / evals, rate)
+    return evecs @ (gain[:, None] * (evecs.T @ y.reshape(n, -1))).reshape((n,) + y.shape[1:])
+
+
+@dataclass
+class GaussianPosterior:
+    """Cholesky factor of K(X,X) + λI for posterior variances of the NNGP."""
+
+    cholesky: np.ndarray  # lower triangular (N, N)
+
+    @classmethod
+    def fit(cls, k_train: np.ndarray, ridge: float = 1e-6) -> "GaussianPosterior":
+        k = 0.5 * (np.asarray(k_train, np.float64) + np.asarray(k_train, np.float64).T)
+        reg = _regulariser(k, ridge)
+        return cls(np.linalg.cholesky(k + reg * np.eye(len(k))))
+
+    def variance(self, k_test_diag: np.ndarray, k_test_train: np.ndarray) -> np.ndarray:
+        """Posterior variance at test points: (M,) from K(x,x) (M,) and K(x, X) (M, N)."""
+        v = scipy.linalg.solve_triangular(self.cholesky, np.asarray(k_test_train, np.float64).T, lower=True)
+        return np.maximum(np.asarray(k_test_diag, np.float64) - np.sum(v * v, axis=0), 0.0)
+
+
+def centred_one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Targets for classification by regression: one-hot minus 1/C, shape (N, C)."""
+    y = np.zeros((len(labels), n_classes))
+    y[np.arange(len(labels)), np.asarray(labels, int)] = 1.0
+    return y - 1.0 / n_classes

@@ -1,0 +1,117 @@
+"""Model and kernel files: HDF5 datasets plus JSON metadata, with a checksum. Nothing executable.
+
+Layout of a file:
+    attrs: format = "eqkernels", format_version (int), kind ("histology-model", "molecule-model",
+           "kernel", "ensemble", ...), meta (JSON text), checksum (sha256 hex)
+    datasets: one per named array, at the root
+
+The checksum covers the metadata and every array (name, dtype, shape, bytes), so a truncated or
+edited file is refused. Files are written to a temporary name and renamed, so an interrupted
+write never leaves a half-written model behind.
+
+Compatibility: a reader accepts every `format_version` up to its own; a file from a newer
+eqkernels is refused with a clear message. Metadata records the library versions that wrote it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from eqkernels.errors import ModelFileError
+
+FORMAT = "eqkernels"
+FORMAT_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose numerics a stored model depends on."""
+    out = {}
+    for name in ("eqkernels", "jax", "jaxlib", "neural-tangents", "e3nn-jax", "numpy", "h5py"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _checksum(kind: str, meta_json: str, arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    h.update(kind.encode())
+    h.update(meta_json.encode())
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save(path: str | Path, kind: str, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
+    """Write a file atomically; `meta` must be JSON-serialisable, arrays numeric or fixed-width text."""
+    path = Path(path)
+    meta = dict(meta)
+    meta.setdefault("versions", library_versions())
+    meta_json = json.dumps(meta, sort_keys=True)
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    for name, a in arrays.items():
+        if a.dtype == object:
+            raise TypeError(f"array {name!r} has dtype object; store numbers or fixed-width strings")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["kind"] = kind
+            f.attrs["meta"] = meta_json
+            f.attrs["checksum"] = _checksum(kind, meta_json, arrays)
+            for name, a in arrays.items():
+                f.create_dataset(name, data=a, compression="gzip" if a.nbytes > 1 << 16 else None)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load(path: str | Path, kind: str | tuple[str, ...] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read and verify a file; returns (meta, arrays). Raises ModelFileError with a one-line reason."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError("no such file", path)
+    if path.is_dir():
+        raise ModelFileError("is a folder, not a model file", path)
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise ModelFileError("not an eqkernels file (no eqkernels format marker)", path)
+            version = int(f.attrs.get("format_version", -1))
+            if version > FORMAT_VERSION:
+                raise ModelFileError(f"written by a newer eqkernels (file format {version}, this version reads "
+                                     f"up to {FORMAT_VERSION}); upgrade eqkernels to use it", path)
+            if version < 1:
+                raise ModelFileError(f"unknown file format version {version}", path)
+            file_kind = str(f.attrs["kind"])
+            meta_json = str(f.attrs["meta"])
+            arrays = {name: f[name][()] for name in f.keys()}
+            checksum = str(f.attrs["checksum"])
+    except ModelFileError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise ModelFileError(f"not a readable HDF5 model file ({type(e).__name__}: {str(e).splitlines()[0]})",
+                             path) from None
+    wanted = (kind,) if isinstance(kind, str) else kind
+    if wanted is not None and file_kind not in wanted:
+        raise ModelFileError(f"holds a {file_kind!r}, expected {' or '.join(map(repr, wanted))}", path)
+    if _checksum(file_kind, meta_json, arrays) != checksum:
+        raise ModelFileError("checksum mismatch: the file is damaged or was modified", path)
+    try:
+        meta = json.loads(meta_json)
+    except ValueError:
+        raise ModelFileError("metadata is not valid JSON", path) from None
+    return meta, arrays

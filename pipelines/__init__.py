@@ -1,0 +1,1 @@
+"""Domain pipelines (installed as `eqkernels.pipelines`): load, featurise, fit and evaluate."""
