@@ -1,0 +1,5 @@
+"""`eqk demo` (work in progress)."""
+
+
+def demo():
+    """Run the main job on the bundled data."""

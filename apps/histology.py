@@ -1,0 +1,4 @@
+"""`eqk histology ...` (work in progress)."""
+import typer
+
+app = typer.Typer(no_args_is_help=True)

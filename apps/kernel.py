@@ -1,0 +1,5 @@
+"""`eqk kernel` (work in progress)."""
+
+
+def kernel():
+    """Compute a kernel matrix."""

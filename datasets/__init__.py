@@ -1,0 +1,23 @@
+"""Bundled real sample data (installed as `eqkernels.datasets`); see README.md and each CARD.md."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+PATHMNIST_SAMPLE = ROOT / "histology" / "pathmnist_test_subset718" / "pathmnist.npz"
+NCT_CRC_SAMPLE = ROOT / "histology" / "nct_crc_he_100k_sample"
+KATHER2016_8X8 = ROOT / "histology" / "kather2016_chmnist_8x8" / "hmnist_8_8_RGB.csv"
+QM9_SAMPLE = ROOT / "qm9" / "qm9pack_sample2000.csv.xz"
+QM9_ASE_DB_SAMPLE = ROOT / "qm9" / "test_qm9_20mols_allprops.db"
+
+
+def verify() -> dict[str, bool]:
+    """Check every bundled file against SHA256SUMS: {relative path: matches}."""
+    out = {}
+    for line in (ROOT / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        path = ROOT / name
+        out[name] = path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    return out
