@@ -1,4 +1,193 @@
-"""`eqk histology ...` (work in progress)."""
-import typer
+"""`eqk histology train | predict | report`: H&E tile classification with (equivariant) NTKs."""
+from __future__ import annotations
 
-app = typer.Typer(no_args_is_help=True)
+import json
+import math
+import time
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from eqkernels.apps._common import atomic_dir, console, to_jsonable
+from eqkernels.errors import InputError
+from eqkernels.kernels.spec import KERNEL_FAMILIES, ConvNetSpec, KernelSpec
+
+app = typer.Typer(no_args_is_help=True, help="Histology tiles: train, predict, report.")
+
+KernelName = Enum("KernelName", {k: k for k in KERNEL_FAMILIES}, type=str)
+ReadoutName = Enum("ReadoutName", {"linear": "linear", "mlp": "mlp"}, type=str)
+PaddingName = Enum("PaddingName", {"VALID": "VALID", "SAME": "SAME", "CIRCULAR": "CIRCULAR"}, type=str)
+
+
+def default_data() -> Path:
+    from eqkernels.datasets import PATHMNIST_SAMPLE
+
+    return PATHMNIST_SAMPLE
+
+
+def parse_time(value: str) -> float | None:
+    """'inf' (kernel ridge regression) or a non-negative gradient-flow time."""
+    if value.strip().lower() in ("inf", "infinity", "none"):
+        return None
+    try:
+        t = float(value)
+    except ValueError:
+        raise InputError(f"--time must be a number or 'inf', got {value!r}") from None
+    if not math.isfinite(t) or t < 0:
+        raise InputError(f"--time must be >= 0 or 'inf', got {value!r}")
+    return t
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(None, help="Tiles: folder of class folders, MedMNIST .npz or hmnist .csv "
+                                         "[default: bundled PathMNIST sample]"),
+    kernel: KernelName = typer.Option("cnn", help="Kernel family."),
+    size: int = typer.Option(28, help="Tiles are resized to size×size pixels."),
+    n_train: int = typer.Option(200, "--n-train", help="Training tiles (class-stratified, the rest is held out)."),
+    seed: int = typer.Option(0, help="Seed of the train/test split."),
+    ridge: float = typer.Option(1e-6, help="Diagonal regulariser, relative to the mean kernel diagonal."),
+    time_: str = typer.Option("inf", "--time", help="Gradient-flow time t of the mean prediction ('inf' = kernel ridge regression)."),
+    learning_rate: float = typer.Option(1.0, "--learning-rate", help="Learning rate η in exp(−η Θ t)."),
+    depth: int = typer.Option(2, help="Number of 3×3 convolutions."),
+    readout: ReadoutName = typer.Option("linear", help="Readout after pooling: linear, or mlp (Dense-ReLU-Dense)."),
+    padding: PaddingName = typer.Option("VALID", help="Convolution padding."),
+    out: Path = typer.Option(Path("histology-model.h5"), "--out", "-o", help="Model file to write."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Folder for resumable kernel blocks."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+):
+    """Train a kernel model on histology tiles and write it to one HDF5 file."""
+    from eqkernels.pipelines.histology import load_tiles, stratified_split
+    from eqkernels.pipelines.histology_model import train_model
+
+    t_value = parse_time(time_)
+    if ridge < 0:
+        raise InputError(f"--ridge must be >= 0, got {ridge}")
+    try:
+        spec = KernelSpec(kernel.value, ConvNetSpec(depth=depth, readout=readout.value, padding=padding.value))
+        spec.net.check_input_size(size)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    data = data or default_data()
+    tiles = load_tiles(data)
+    if min(np.bincount(tiles.labels)) < 1 or len(tiles.class_names) < 2:
+        raise InputError("need labelled tiles of at least two classes", data)
+    train_idx, _ = stratified_split(tiles.labels, n_train, seed=seed)
+    start = time.perf_counter()
+    model, timings = train_model(spec, tiles.subset(train_idx), size=size, ridge=ridge, time=t_value,
+                                 learning_rate=learning_rate, checkpoint=checkpoint,
+                                 options={"data": str(data), "seed": seed, "n_train": n_train,
+                                          "n_tiles": len(tiles)})
+    model.save(out)
+    if checkpoint is not None:
+        from eqkernels.apps.kernel import _remove_checkpoint
+
+        _remove_checkpoint(checkpoint)
+    summary = {"model": str(out), "kernel": spec.name, "n_train": len(train_idx), "size": size,
+               "classes": model.class_names, "seconds": time.perf_counter() - start, **timings}
+    if as_json:
+        print(json.dumps(to_jsonable(summary)))
+    else:
+        console.print(f"trained [bold]{spec.name}[/] on {len(train_idx)} tiles ({size}×{size} px) in "
+                      f"{summary['seconds']:.1f} s (kernel {timings['kernel_s']:.1f} s) → {out}")
+
+
+def _collect_inputs(model, paths: List[Path]):
+    """Preprocessed inputs (M, S, S, 3) and names: tile files, or folders / npz / csv holding many.
+
+    Each collection is resized to the model's tile size separately, so tiles of any square size mix.
+    """
+    from eqkernels.pipelines.histology import IMAGE_SUFFIXES, load_tiles, read_tile
+
+    inputs, names = [], []
+    for p in paths:
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            images, these = read_tile(p)[None], [str(p)]
+        else:
+            tiles = load_tiles(p)
+            images, these = tiles.images, tiles.sources
+        inputs.append(model.preprocessing(images))
+        names += these
+    return np.concatenate(inputs), names
+
+
+@app.command()
+def predict(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file from `eqk histology train`."),
+    tiles: List[Path] = typer.Argument(..., metavar="TILE...", help="Tile files (TIFF/PNG) or tile collections."),
+    kernel: Optional[KernelName] = typer.Option(None, help="Refuse the model unless it uses this kernel."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per tile on stdout."),
+):
+    """Predict the class of each tile, with scores for every class."""
+    from eqkernels.pipelines.histology_model import HistologyModel
+
+    model = HistologyModel.load(model_path, expected_kernel=kernel.value if kernel else None)
+    inputs, names = _collect_inputs(model, tiles)
+    pred = model.predict_from_relative(model.relative(inputs, progress=None))
+    std = np.sqrt(pred.variance)
+    if as_json:
+        for name, cls, scores, s in zip(names, pred.classes, pred.scores, std):
+            print(json.dumps(to_jsonable({"tile": name, "class": model.class_names[cls],
+                                          "scores": dict(zip(model.class_names, scores)), "nngp_std": s})))
+        return
+    table = Table(title=f"{model.spec.name} predictions (scores: NTK mean of centred one-hot targets)")
+    table.add_column("tile", overflow="fold", max_width=48)
+    table.add_column("class")
+    table.add_column("score", justify="right")
+    table.add_column("runner-up")
+    table.add_column("NNGP sd", justify="right")
+    for name, cls, scores, s in zip(names, pred.classes, pred.scores, std):
+        second = int(np.argsort(scores)[-2]) if len(scores) > 1 else cls
+        table.add_row(_short(name), f"[bold]{model.class_names[cls]}[/]", f"{scores[cls]:+.3f}",
+                      f"{model.class_names[second]} {scores[second]:+.3f}", f"{s:.3f}")
+    console.print(table)
+    console.print("all class scores: --json")
+
+
+def _short(name: str) -> str:
+    """A tile's name relative to the working folder when it lies below it."""
+    import os
+
+    try:
+        rel = os.path.relpath(name)
+        return rel if not rel.startswith("..") else name
+    except ValueError:
+        return name
+
+
+@app.command()
+def report(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file from `eqk histology train`."),
+    data: Path = typer.Option(None, help="Labelled tiles; training tiles in it are left out [default: bundled sample]."),
+    n_test: Optional[int] = typer.Option(None, "--n-test", help="Evaluate on this many held-out tiles (stratified)."),
+    seed: int = typer.Option(0, help="Seed for picking --n-test tiles."),
+    kernel: Optional[KernelName] = typer.Option(None, help="Refuse the model unless it uses this kernel."),
+    out: Path = typer.Option(Path("histology-report"), "--out", "-o", help="Report folder (JSON, Markdown, PNG)."),
+):
+    """Accuracy, per-class recall, confusion matrix and rotation robustness on held-out tiles."""
+    from eqkernels.pipelines.histology import load_tiles, stratified_split
+    from eqkernels.pipelines.histology_model import HistologyModel
+    from eqkernels.pipelines.histology_report import evaluate, exclude_training_tiles, write_report
+
+    model = HistologyModel.load(model_path, expected_kernel=kernel.value if kernel else None)
+    data = data or default_data()
+    tiles = exclude_training_tiles(model, load_tiles(data))
+    if len(tiles) == 0:
+        raise InputError("every tile in it was used for training; nothing is left to evaluate", data)
+    if tiles.class_names != model.class_names:
+        raise InputError(f"classes {tiles.class_names} differ from the model's {model.class_names}", data)
+    if n_test is not None and n_test < len(tiles):
+        tiles = tiles.subset(stratified_split(tiles.labels, n_test, seed=seed)[0])
+    evaluation = evaluate([model], tiles, progress=None)
+    with atomic_dir(out) as tmp:
+        rep = write_report(evaluation, tmp, title=f"Histology report: {model.spec.name}",
+                           context={"model": str(model_path), "data": str(data), "held-out tiles": len(tiles),
+                                    "training tiles": len(model.train_inputs),
+                                    "tile size": f"{model.preprocessing.size} px"})
+    s = rep["models"][0]
+    console.print(f"{model.spec.name}: accuracy {s['accuracy']:.3f} on {s['n_test']} tiles, rotated "
+                  f"{s['accuracy_rotated_mean']:.3f}, orbit-same {s['orbit_same_predictions']:.2f}/4 → {out}/report.md")

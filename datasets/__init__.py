@@ -1,4 +1,7 @@
-"""Bundled real sample data (installed as `eqkernels.datasets`); see README.md and each CARD.md."""
+"""Bundled real sample data (installed as `eqkernels.datasets`); see README.md and each CARD.md.
+
+Folder names contain hyphens on purpose: they are data, not importable packages.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,11 +9,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 
-PATHMNIST_SAMPLE = ROOT / "histology" / "pathmnist_test_subset718" / "pathmnist.npz"
-NCT_CRC_SAMPLE = ROOT / "histology" / "nct_crc_he_100k_sample"
-KATHER2016_8X8 = ROOT / "histology" / "kather2016_chmnist_8x8" / "hmnist_8_8_RGB.csv"
-QM9_SAMPLE = ROOT / "qm9" / "qm9pack_sample2000.csv.xz"
-QM9_ASE_DB_SAMPLE = ROOT / "qm9" / "test_qm9_20mols_allprops.db"
+PATHMNIST_SAMPLE = ROOT / "pathmnist-test-subset718" / "pathmnist.npz"
+NCT_CRC_SAMPLE = ROOT / "nct-crc-he-100k-sample"
+KATHER2016_8X8 = ROOT / "kather2016-chmnist-8x8" / "hmnist_8_8_RGB.csv"
+QM9_SAMPLE = ROOT / "qm9-sample" / "qm9pack_sample2000.csv.xz"
+QM9_ASE_DB_SAMPLE = ROOT / "qm9-sample" / "test_qm9_20mols_allprops.db"
 
 
 def verify() -> dict[str, bool]:

@@ -14,7 +14,8 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -46,6 +47,7 @@ class RelativeKernels:
     self1_ntk: np.ndarray | None = None
     self2_nngp: np.ndarray | None = None
     self2_ntk: np.ndarray | None = None
+    stats: dict = field(default_factory=dict)  # blocks, blocks resumed from a checkpoint, pairs, seconds
 
     def restrict(self, group: PlanarGroup) -> "RelativeKernels":
         """The relative kernels of a subgroup (e.g. C4 inside D4), by element lookup."""
@@ -189,6 +191,7 @@ def relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None = N
             selfs[kind][0][g, i], selfs[kind][1][g, i] = a, b
 
     total = sum(len(t[2]) for t in tasks)
+    started = time.perf_counter()
     if tasks:  # small jobs get a small chunk: less padding, still a handful of compiled shapes
         chunk = min(chunk, 1 << int(np.ceil(np.log2(max(len(t[2]) for t in tasks)))))
     pending = []
@@ -236,7 +239,9 @@ def relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None = N
             store.save(task[0], a, b)
             scatter(task, a, b)
 
-    result = RelativeKernels(group.name, nngp, ntk)
+    result = RelativeKernels(group.name, nngp, ntk, stats={
+        "blocks": len(tasks), "blocks_resumed": len(tasks) - len(pending), "pairs": total,
+        "pairs_computed": sum(len(t[2]) for t in pending), "seconds": time.perf_counter() - started})
     if need_self:
         if symmetric:
             diag = np.arange(n1)

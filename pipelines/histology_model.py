@@ -1,0 +1,142 @@
+"""Kernel models for histology tiles: train, save, load, predict.
+
+A model file (HDF5, see `eqkernels.store`) holds everything prediction needs and nothing
+executable: the preprocessed training tiles, the dual coefficients of the NTK mean prediction,
+the Cholesky factor for NNGP posterior variances, the kernel specification, the preprocessing,
+class names, options and library versions.
+"""
+from __future__ import annotations
+
+import json
+import time as _time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from eqkernels import store
+from eqkernels.errors import InputError, ModelFileError
+from eqkernels.groups import get_group
+from eqkernels.kernels import ImageKernel, KernelSpec
+from eqkernels.kernels.families import family_kernels, family_self_kernels, left_translate
+from eqkernels.kernels.relative import RelativeKernels
+from eqkernels.solvers import GaussianPosterior, centred_one_hot, dual_coefficients
+from eqkernels.pipelines.histology import Preprocessing, TileSet
+
+MODEL_KIND = "histology-model"
+MODEL_SCHEMA = 1  # bump when the meaning of stored fields changes
+
+
+@dataclass
+class Prediction:
+    """Scores (M, C) of the NTK mean prediction, predicted classes (M,), NNGP posterior variance (M,)."""
+
+    scores: np.ndarray
+    classes: np.ndarray
+    variance: np.ndarray | None = None
+
+
+@dataclass
+class HistologyModel:
+    spec: KernelSpec
+    preprocessing: Preprocessing
+    class_names: list[str]
+    train_inputs: np.ndarray          # (N, S, S, 3) float32, preprocessed
+    train_labels: np.ndarray          # (N,)
+    train_fingerprints: np.ndarray    # (N,) S16: which raw tiles were used for training
+    dual_coef: np.ndarray             # (N, C): scores = Θ(x, X) @ dual_coef
+    posterior_cholesky: np.ndarray    # (N, N): NNGP posterior variance
+    options: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------ kernels, predictions
+    def kernel(self, progress: bool | None = True) -> ImageKernel:
+        return ImageKernel(self.spec, progress=progress)
+
+    def relative(self, inputs: np.ndarray, group: str | None = None, *, progress: bool | None = True,
+                 checkpoint: str | Path | None = None, description: str = "test × train kernel") -> RelativeKernels:
+        """Relative pooled kernels between preprocessed `inputs` and the training tiles, with self terms."""
+        from eqkernels.kernels.relative import relative_kernels
+
+        group = get_group(group or self.spec.group or "C1")
+        return relative_kernels(self.spec.net, inputs, self.train_inputs, group, need_self=True,
+                                checkpoint=checkpoint, progress=progress, description=description)
+
+    def predict_from_relative(self, rel: RelativeKernels, element: int = 0) -> Prediction:
+        """Prediction for g·x where g is element number `element` of `rel`'s group (0: x itself)."""
+        if element:
+            rel = left_translate(rel, element)
+        family_group = get_group(self.spec.group or "C1")
+        if rel.group != family_group.name:
+            rel = rel.restrict(family_group)
+        kernels = family_kernels(self.spec, rel)
+        scores = kernels["ntk"] @ self.dual_coef
+        diag = family_self_kernels(self.spec, rel.self1_nngp, rel.self1_ntk)["nngp"]
+        variance = GaussianPosterior(self.posterior_cholesky).variance(diag, kernels["nngp"])
+        return Prediction(scores, np.argmax(scores, axis=1), variance)
+
+    def predict(self, images: np.ndarray, *, progress: bool | None = True) -> Prediction:
+        """Predict raw RGB tiles (M, h, w, 3) uint8 (resized and standardised like the training tiles)."""
+        return self.predict_from_relative(self.relative(self.preprocessing(images), progress=progress))
+
+    # ----------------------------------------------------------------------------------------- files
+    def save(self, path: str | Path) -> Path:
+        meta = {"schema": MODEL_SCHEMA, "kernel": json.loads(self.spec.to_json()),
+                "preprocessing": self.preprocessing.to_dict(), "class_names": list(self.class_names),
+                "options": self.options}
+        arrays = {"train_inputs": self.train_inputs.astype(np.float32), "train_labels": self.train_labels,
+                  "train_fingerprints": self.train_fingerprints, "dual_coef": self.dual_coef,
+                  "posterior_cholesky": self.posterior_cholesky}
+        return store.save(path, MODEL_KIND, meta, arrays)
+
+    @classmethod
+    def load(cls, path: str | Path, expected_kernel: str | None = None) -> "HistologyModel":
+        meta, arrays = store.load(path, MODEL_KIND)
+        if int(meta.get("schema", 0)) > MODEL_SCHEMA:
+            raise ModelFileError(f"model schema {meta.get('schema')} is newer than this eqkernels understands "
+                                 f"({MODEL_SCHEMA}); upgrade eqkernels", path)
+        try:
+            spec = KernelSpec.from_dict(meta["kernel"])
+            model = cls(spec=spec, preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
+                        class_names=list(meta["class_names"]), train_inputs=arrays["train_inputs"],
+                        train_labels=arrays["train_labels"], train_fingerprints=arrays["train_fingerprints"],
+                        dual_coef=arrays["dual_coef"], posterior_cholesky=arrays["posterior_cholesky"],
+                        options=dict(meta.get("options", {})))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFileError(f"model file lacks or garbles a field ({type(e).__name__}: {e})", path) from None
+        if expected_kernel is not None and spec.name != expected_kernel:
+            raise ModelFileError(f"model was trained with kernel {spec.name!r}, not {expected_kernel!r}", path)
+        n = len(model.train_inputs)
+        if model.dual_coef.shape != (n, len(model.class_names)) or model.posterior_cholesky.shape != (n, n):
+            raise ModelFileError("inconsistent array shapes in model file", path)
+        return model
+
+
+def fit_from_kernels(spec: KernelSpec, preprocessing: Preprocessing, train: TileSet, train_inputs: np.ndarray,
+                     kernels: dict[str, np.ndarray], *, ridge: float, time: float | None, learning_rate: float,
+                     options: dict) -> HistologyModel:
+    """Solve for the dual coefficients from train×train kernels {'nngp','ntk'} (N, N)."""
+    y = centred_one_hot(train.labels, len(train.class_names))
+    alpha = dual_coefficients(kernels["ntk"], y, ridge=ridge, time=time, learning_rate=learning_rate)
+    chol = GaussianPosterior.fit(kernels["nngp"], ridge=ridge).cholesky
+    opts = dict(options, ridge=ridge, time=None if time is None else float(time), learning_rate=learning_rate)
+    return HistologyModel(spec, preprocessing, list(train.class_names), train_inputs.astype(np.float32),
+                          np.asarray(train.labels), train.fingerprints(), alpha, chol, opts)
+
+
+def train_model(spec: KernelSpec, train: TileSet, *, size: int, ridge: float = 1e-6, time: float | None = None,
+                learning_rate: float = 1.0, checkpoint: str | Path | None = None, progress: bool | None = True,
+                options: dict | None = None) -> tuple[HistologyModel, dict]:
+    """Fit preprocessing and the kernel model on `train`; returns (model, timings in seconds)."""
+    if len(set(train.labels.tolist())) < 2:
+        raise InputError("training data must contain at least two classes")
+    spec.net.check_input_size(size)
+    t0 = _time.perf_counter()
+    preprocessing = Preprocessing.fit(train.images, size)
+    inputs = preprocessing(train.images)
+    t1 = _time.perf_counter()
+    kernels = ImageKernel(spec, progress=progress)(inputs, checkpoint=checkpoint, description="train × train kernel")
+    t2 = _time.perf_counter()
+    model = fit_from_kernels(spec, preprocessing, train, inputs, kernels, ridge=ridge, time=time,
+                             learning_rate=learning_rate, options=options or {})
+    t3 = _time.perf_counter()
+    return model, {"preprocess_s": t1 - t0, "kernel_s": t2 - t1, "solve_s": t3 - t2}

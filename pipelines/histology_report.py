@@ -1,0 +1,205 @@
+"""Evaluation of histology kernel models: accuracy, recall, confusion, rotation robustness; reports.
+
+Rotation robustness is measured out of distribution: every test tile is rotated by 0°, 90°, 180°
+and 270° and classified again. The rotated copies' kernels come from the relative kernels of the
+unrotated tiles through the exact identity K(a·x, g·x') = K(x, a⁻¹g·x') of the CNN kernel, so
+one pass over the group suffices; a few tiles are also recomputed directly from rotated pixels and
+the largest deviation is reported, so the identity is checked on every report.
+"""
+from __future__ import annotations
+
+import time as _time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from eqkernels import metrics
+from eqkernels.groups import get_group
+from eqkernels.kernels.relative import relative_kernels
+from eqkernels.pipelines.histology import TileSet
+from eqkernels.pipelines.histology_model import HistologyModel
+
+ROTATIONS = [(0, k) for k in range(4)]
+
+
+@dataclass
+class Evaluation:
+    """Results of one model on one test set (arrays kept for plots; `summary` is JSON-ready)."""
+
+    kernel: str
+    class_names: list[str]
+    labels: np.ndarray
+    orbit_scores: np.ndarray       # (4, M, C): scores of the tiles rotated by k·90°
+    orbit_classes: np.ndarray      # (4, M)
+    variance: np.ndarray           # (M,) NNGP posterior variance of the unrotated tiles
+    identity_check: float          # max relative deviation, identity vs direct recomputation
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict:
+        n_classes = len(self.class_names)
+        known = self.labels >= 0
+        cm = metrics.confusion_matrix(self.labels[known], self.orbit_classes[0][known], n_classes)
+        orbit = metrics.orbit_same_predictions(self.orbit_classes)
+        return {
+            "kernel": self.kernel,
+            "n_test": int(len(self.labels)),
+            "accuracy": metrics.accuracy(self.labels[known], self.orbit_classes[0][known]),
+            "accuracy_rotated": [metrics.accuracy(self.labels[known], c[known]) for c in self.orbit_classes],
+            "accuracy_rotated_mean": float(np.mean([metrics.accuracy(self.labels[known], c[known])
+                                                    for c in self.orbit_classes[1:]])),
+            "orbit_same_predictions": float(np.mean(orbit)),
+            "orbit_same_predictions_hist": np.bincount(orbit, minlength=5)[1:].tolist(),
+            "max_relative_output_change": metrics.max_relative_change(self.orbit_scores),
+            "per_class_recall": dict(zip(self.class_names, metrics.per_class_recall(cm).tolist())),
+            "confusion_matrix": cm.tolist(),
+            "mean_posterior_variance": float(np.mean(self.variance)),
+            "identity_check_max_rel_dev": self.identity_check,
+            "seconds": self.seconds,
+        }
+
+
+def exclude_training_tiles(model: HistologyModel, tiles: TileSet) -> TileSet:
+    """Drop tiles whose pixels equal a training tile's (so a report never scores training data)."""
+    train = set(model.train_fingerprints.tolist())
+    keep = [i for i, f in enumerate(tiles.fingerprints().tolist()) if f not in train]
+    return tiles.subset(keep)
+
+
+def evaluate(models: list[HistologyModel], test: TileSet, *, progress: bool | None = True,
+             check_tiles: int = 2, checkpoint: str | Path | None = None) -> list[Evaluation]:
+    """Evaluate models that share training tiles, preprocessing and CNN, with one relative-kernel pass.
+
+    The pass covers the smallest group containing the rotations and every model's group (C4 or D4).
+    """
+    first = models[0]
+    for m in models[1:]:
+        if (m.spec.net != first.spec.net or m.preprocessing.size != first.preprocessing.size
+                or not np.array_equal(m.train_fingerprints, first.train_fingerprints)):
+            raise ValueError("models evaluated together must share training tiles, preprocessing and network")
+    union = "D4" if any(m.spec.group == "D4" for m in models) else "C4"
+    group = get_group(union)
+    start = _time.perf_counter()
+    inputs = first.preprocessing(test.images)
+    rel = relative_kernels(first.spec.net, inputs, first.train_inputs, group, need_self=True, progress=progress,
+                           checkpoint=checkpoint, description=f"test × train kernel ({union})")
+    kernel_seconds = _time.perf_counter() - start
+    out = []
+    for model in models:
+        t0 = _time.perf_counter()
+        preds = [model.predict_from_relative(rel, group.elements.index(r)) for r in ROTATIONS]
+        check = _direct_check(model, test, preds, check_tiles)
+        out.append(Evaluation(model.spec.name, model.class_names, np.asarray(test.labels),
+                              np.stack([p.scores for p in preds]), np.stack([p.classes for p in preds]),
+                              preds[0].variance, check,
+                              {"test_kernel_shared": kernel_seconds, "predict": _time.perf_counter() - t0}))
+    return out
+
+
+def _direct_check(model: HistologyModel, test: TileSet, preds, n: int) -> float:
+    """Recompute a few rotated tiles from their pixels; max relative deviation of the scores."""
+    if n <= 0 or len(test) == 0:
+        return float("nan")
+    idx = np.arange(min(n, len(test)))
+    worst = 0.0
+    for k in (1, 3):
+        rotated = np.rot90(test.images[idx], k=k, axes=(1, 2))
+        direct = model.predict(rotated, progress=False).scores
+        via_identity = preds[k].scores[idx]
+        scale = max(np.max(np.abs(direct)), 1e-30)
+        worst = max(worst, float(np.max(np.abs(direct - via_identity)) / scale))
+    return worst
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+def write_report(evaluations: list[Evaluation], out_dir: Path, *, title: str, context: dict) -> dict:
+    """Write report.json, report.md and PNG plots into `out_dir`; returns the JSON content."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eqkernels.apps._common import write_json
+
+    out_dir = Path(out_dir)
+    summaries = [e.summary for e in evaluations]
+    report = {"title": title, "context": context, "models": summaries}
+    write_json(out_dir / "report.json", report)
+
+    for e, s in zip(evaluations, summaries):
+        cm = np.asarray(s["confusion_matrix"])
+        fig, ax = plt.subplots(figsize=(5.5, 4.8))
+        im = ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(len(e.class_names)), e.class_names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(e.class_names)), e.class_names, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        for (i, j), v in np.ndenumerate(cm):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=6,
+                        color="white" if v > cm.max() / 2 else "black")
+        ax.set_title(f"{e.kernel}: accuracy {s['accuracy']:.3f}")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"confusion_{e.kernel}.png", dpi=120)
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.8 / max(len(summaries), 1)
+    for n, s in enumerate(summaries):
+        axes[0].bar(np.arange(4) + n * width, s["accuracy_rotated"], width, label=s["kernel"])
+        axes[1].bar(np.arange(1, 5) + n * width, np.asarray(s["orbit_same_predictions_hist"]) / max(s["n_test"], 1),
+                    width, label=s["kernel"])
+    axes[0].set_xticks(np.arange(4) + width * (len(summaries) - 1) / 2, ["0°", "90°", "180°", "270°"])
+    axes[0].set_ylabel("accuracy")
+    axes[0].set_title("accuracy on rotated test tiles")
+    axes[1].set_xticks(np.arange(1, 5) + width * (len(summaries) - 1) / 2, ["1", "2", "3", "4"])
+    axes[1].set_xlabel("rotations with the unrotated prediction (of 4)")
+    axes[1].set_ylabel("fraction of tiles")
+    axes[1].set_title("orbit-same-predictions")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "rotation_robustness.png", dpi=120)
+    plt.close(fig)
+
+    (out_dir / "report.md").write_text(markdown_report(title, context, summaries))
+    return report
+
+
+def comparison_table(summaries: list[dict], extra: dict[str, dict] | None = None) -> list[list[str]]:
+    """Rows of the side-by-side table (header first)."""
+    rows = [["kernel", "accuracy", "acc. rotated", "orbit-same (of 4)", "max rel. change", "seconds"]]
+    for s in summaries:
+        seconds = (extra or {}).get(s["kernel"], {}).get("seconds")
+        rows.append([s["kernel"], f"{s['accuracy']:.3f}", f"{s['accuracy_rotated_mean']:.3f}",
+                     f"{s['orbit_same_predictions']:.2f}", f"{s['max_relative_output_change']:.1e}",
+                     "" if seconds is None else f"{seconds:.1f}"])
+    return rows
+
+
+def markdown_report(title: str, context: dict, summaries: list[dict], extra: dict | None = None) -> str:
+    lines = [f"# {title}", ""]
+    for k, v in context.items():
+        lines.append(f"- **{k}**: {v}")
+    lines += ["", "## Side by side", ""]
+    rows = comparison_table(summaries, extra)
+    lines.append("| " + " | ".join(rows[0]) + " |")
+    lines.append("|" + "---|" * len(rows[0]))
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    lines += ["", "*acc. rotated*: mean accuracy on the tiles rotated by 90°, 180°, 270°. *orbit-same*: how many "
+              "of the 4 rotations of a tile get the prediction of the unrotated tile (4.00 = invariant). "
+              "*max rel. change*: largest ‖f(R·x) − f(x)‖/‖f(x)‖ of the output scores.", ""]
+    for s in summaries:
+        lines += [f"## {s['kernel']}", "",
+                  f"- accuracy {s['accuracy']:.4f} on {s['n_test']} held-out tiles; by rotation 0/90/180/270°: "
+                  + ", ".join(f"{a:.4f}" for a in s["accuracy_rotated"]),
+                  f"- orbit-same-predictions {s['orbit_same_predictions']:.3f} of 4 "
+                  f"(tiles with 1/2/3/4 agreeing rotations: {s['orbit_same_predictions_hist']})",
+                  f"- largest relative output change under rotation {s['max_relative_output_change']:.2e}; "
+                  f"identity check (direct recomputation of rotated tiles) {s['identity_check_max_rel_dev']:.1e}",
+                  "- recall per class: " + ", ".join(f"{c} {r:.2f}" if r is not None and np.isfinite(r) else f"{c} –"
+                                                    for c, r in s["per_class_recall"].items()),
+                  f"- plots: `confusion_{s['kernel']}.png`, `rotation_robustness.png`", ""]
+    return "\n".join(lines) + "\n"

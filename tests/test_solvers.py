@@ -1,0 +1,50 @@
+"""Mean predictions at time t and posterior variances against neural-tangents.predict."""
+import jax
+import numpy as np
+import pytest
+import neural_tangents as nt
+
+from eqkernels.solvers import GaussianPosterior, centred_one_hot, dual_coefficients
+
+
+def make_problem(rng, n=12, m=5, c=3):
+    a = rng.standard_normal((n + m, 6))
+    k = a @ a.T / 6 + 0.1
+    return k[:n, :n], k[n:, :n], k[n:, n:], rng.standard_normal((n, c))
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 5.0, None])
+def test_mean_prediction_matches_neural_tangents(t, rng):
+    k_train, k_test, _, y = make_problem(rng)
+    ridge = 1e-3
+    alpha = dual_coefficients(k_train, y, ridge=ridge, time=t, learning_rate=0.7)
+    with jax.experimental.enable_x64():
+        predict = nt.predict.gradient_descent_mse(k_train, y, learning_rate=0.7, diag_reg=ridge)
+        # neural-tangents' loss is the mean over y.size entries: its time runs y.size times slower.
+        t_nt = None if t is None else t * y.size
+        _, ref = predict(t_nt, np.zeros_like(y), np.zeros((k_test.shape[0], y.shape[1])), k_test)
+    assert np.allclose(k_test @ alpha, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_long_time_limit_is_kernel_regression(rng):
+    k_train, k_test, _, y = make_problem(rng)
+    late = dual_coefficients(k_train, y, ridge=1e-4, time=1e9)
+    inf = dual_coefficients(k_train, y, ridge=1e-4, time=None)
+    assert np.allclose(late, inf, rtol=1e-6, atol=1e-9)
+    assert np.allclose(dual_coefficients(k_train, y, time=0.0), 0.0)
+
+
+def test_posterior_variance_matches_neural_tangents(rng):
+    k_train, k_test, k_tt, y = make_problem(rng)
+    post = GaussianPosterior.fit(k_train, ridge=1e-3)
+    var = post.variance(np.diag(k_tt), k_test)
+    with jax.experimental.enable_x64():
+        ref = nt.predict.gp_inference(k_train, y, diag_reg=1e-3)(get="nngp", k_test_train=k_test, k_test_test=k_tt)
+    assert np.allclose(var, np.diag(ref.covariance), rtol=1e-8, atol=1e-12)
+    # A training point has (almost) no posterior variance; a far point keeps its prior variance.
+    assert post.variance(np.diag(k_train)[:1], k_train[:1])[0] < 1e-2 * k_train[0, 0]
+
+
+def test_centred_one_hot_rows_sum_to_zero():
+    y = centred_one_hot(np.array([0, 2, 1]), 3)
+    assert np.allclose(y.sum(1), 0) and np.argmax(y, 1).tolist() == [0, 2, 1]
