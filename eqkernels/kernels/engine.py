@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -103,15 +103,16 @@ def _window_sum_4d(k: jnp.ndarray, net: ConvNetSpec) -> jnp.ndarray:
     return sum(s[:, b:b + w, :, b:b + w2] for b in range(q))
 
 
+@partial(jax.jit, static_argnums=(0, 2))
 def side_features(net: ConvNetSpec, images: jnp.ndarray, align: bool):
     """Per-image data the pair loop needs: scaled patches (N,H1,W1,D) and per-layer std devs.
 
     `align` pads the width (edge mode, VALID only) so the last layer's width is a multiple of 8.
-    Returns (patches, stds, valid_width) where stds[l] has shape (N, H_l, W_l).
+    Returns (patches, stds) where stds[l] has shape (N, H_l, W_l).
     """
     n, size, size_w, channels = images.shape
     q = net.filter_size
-    valid = _layer_sizes(net, size_w)[-1]
+    valid = valid_width(net, size_w)
     extra = (-valid) % _LANES if (align and net.padding == "VALID") else 0
     x = _pad_images(net, images, extra)
     scale = net.weight_std / math.sqrt(q * q * channels)
@@ -122,7 +123,12 @@ def side_features(net: ConvNetSpec, images: jnp.ndarray, align: bool):
     for _ in range(net.depth - 1):
         var = (net.weight_std ** 2 / q ** 2) * _box_sum_2d(relu_variance(var), net) + bias_var
         stds.append(jnp.sqrt(var))
-    return patches, stds, valid
+    return patches, stds
+
+
+def valid_width(net: ConvNetSpec, size: int) -> int:
+    """The last layer's true output width for inputs of `size` pixels."""
+    return _layer_sizes(net, size)[-1]
 
 
 def pooling_weights(net: ConvNetSpec, size: int, valid_width: int, padded_width: int, dtype) -> jnp.ndarray:
@@ -186,8 +192,9 @@ class PairEvaluator:
             raise ValueError(f"image shapes differ: {images1.shape[1:]} vs {images2.shape[1:]}")
         net.check_input_size(int(images1.shape[1]))
         self.net = net
-        self.p1, self.s1, _ = side_features(net, images1, align=False)
-        self.p2, self.s2, self.valid_width = side_features(net, images2, align=True)
+        self.p1, self.s1 = side_features(net, images1, False)
+        self.p2, self.s2 = side_features(net, images2, True)
+        self.valid_width = valid_width(net, int(images2.shape[2]))
         self.pairs_per_step = pairs_per_step or default_pairs_per_step()
         self.weights = pooling_weights(net, int(images1.shape[1]), self.valid_width, int(self.s2[-1].shape[-1]), dtype)
         self._fn = _compiled_pairs(net, self.pairs_per_step)
