@@ -105,10 +105,12 @@ def _window_sum_4d(k: jnp.ndarray, net: ConvNetSpec) -> jnp.ndarray:
 
 @partial(jax.jit, static_argnums=(0, 2))
 def side_features(net: ConvNetSpec, images: jnp.ndarray, align: bool):
-    """Per-image data the pair loop needs: scaled patches (N,H1,W1,D) and per-layer std devs.
+    """Per-image data the pair loop needs: unit-norm first-layer patches and per-layer std devs.
 
-    `align` pads the width (edge mode, VALID only) so the last layer's width is a multiple of 8.
-    Returns (patches, stds) where stds[l] has shape (N, H_l, W_l).
+    The patches (N, H1, W1, D) are scaled by σ_w/√(q²C), extended by σ_b (the bias as a constant
+    input) and divided by their norm, so one matrix product gives the first layer's correlations
+    ρ = K¹/√(K¹(t,t)K¹(t',t')) directly. `align` pads the width (edge mode, VALID only) so the
+    last layer's width is a multiple of 8. Returns (patches, stds), stds[l] of shape (N, H_l, W_l).
     """
     n, size, size_w, channels = images.shape
     q = net.filter_size
@@ -117,13 +119,17 @@ def side_features(net: ConvNetSpec, images: jnp.ndarray, align: bool):
     x = _pad_images(net, images, extra)
     scale = net.weight_std / math.sqrt(q * q * channels)
     patches = _patches(x, q) * scale
+    if net.bias_std:
+        patches = jnp.concatenate([patches, jnp.full(patches.shape[:-1] + (1,), net.bias_std, patches.dtype)], -1)
+    var = jnp.sum(patches * patches, axis=-1)
+    std = jnp.sqrt(var)
+    unit = patches / jnp.maximum(std, jnp.finfo(patches.dtype).tiny)[..., None]
+    stds = [std]
     bias_var = net.bias_std ** 2
-    var = jnp.sum(patches * patches, axis=-1) + bias_var
-    stds = [jnp.sqrt(var)]
     for _ in range(net.depth - 1):
         var = (net.weight_std ** 2 / q ** 2) * _box_sum_2d(relu_variance(var), net) + bias_var
         stds.append(jnp.sqrt(var))
-    return patches, stds
+    return unit, stds
 
 
 def valid_width(net: ConvNetSpec, size: int) -> int:
@@ -139,7 +145,7 @@ def pooling_weights(net: ConvNetSpec, size: int, valid_width: int, padded_width:
 
 
 def _pair_pooled(net: ConvNetSpec, weights, p1, s1, p2, s2):
-    """Pooled (K_pool, Θ_pool) for one pair: p = (H1,W1,D) patches, s = per-layer std maps.
+    """Pooled (K_pool, Θ_pool) for one pair: p = (H1,W1,D) unit patches, s = per-layer std maps.
 
     `weights` (see `pooling_weights`) must be computed outside the compiled loop: built inside,
     XLA fuses it into the matrix product and replaces the vectorised GEMV by a naive loop (8× slower).
@@ -148,14 +154,18 @@ def _pair_pooled(net: ConvNetSpec, weights, p1, s1, p2, s2):
     h1b, w1b = p2.shape[:2]
     bias_var = net.bias_std ** 2
     conv_scale = net.weight_std ** 2 / net.filter_size ** 2
-    k = (p1.reshape(h1 * w1, -1) @ p2.reshape(h1b * w1b, -1).T).reshape(h1, w1, h1b, w1b) + bias_var
-    t = k
-    for layer in range(net.depth):
+    # First layer from unit patches: no division, and Θ¹ = K¹ = prod·ρ.
+    rho = jnp.clip((p1.reshape(h1 * w1, -1) @ p2.reshape(h1b * w1b, -1).T).reshape(h1, w1, h1b, w1b), -1, 1)
+    prod = s1[0][:, :, None, None] * s2[0][None, None]
+    kappa1, kappa0 = relu_moments(rho, 1.0, 1.0)
+    k_tilde, t_tilde = prod * kappa1, prod * (kappa0 * rho)
+    window = jax.vmap(lambda a: _window_sum_4d(a, net))
+    for layer in range(1, net.depth):
+        # K and Θ windows in one batched pass (measured ~20% faster than two separate ones).
+        sums = window(jnp.stack([k_tilde, k_tilde + t_tilde]))
+        k, t = conv_scale * sums[0] + bias_var, conv_scale * sums[1] + bias_var
         k_tilde, k_dot = relu_moments(k, s1[layer][:, :, None, None], s2[layer][None, None])
         t_tilde = k_dot * t
-        if layer + 1 < net.depth:
-            k = conv_scale * _window_sum_4d(k_tilde, net) + bias_var
-            t = conv_scale * _window_sum_4d(k_tilde + t_tilde, net) + bias_var
     hl, wl, hlb, wlb = k_tilde.shape
     # Reductions as a matrix product: XLA's CPU reduce loops are scalar, its dot is not.
     both = jnp.stack([k_tilde, t_tilde]).reshape(2 * hl * wl, hlb * wlb)
