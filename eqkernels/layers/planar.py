@@ -49,7 +49,9 @@ silently wrong. `cross_kernel_via_union` evaluates such networks on the union of
 from __future__ import annotations
 
 import math
+from functools import partial
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax, random
@@ -150,7 +152,7 @@ def _relative_window(x, r: np.ndarray, q: int, padding: str, s0: int):
     return x * (1.0 / (q * q))
 
 
-def _per_slot(x, mats: np.ndarray, q: int, padding: str, broadcast: bool):
+def _per_slot(x, mats, q: int, padding: str, broadcast: bool):
     """Apply slot d's relative window to nngp/ntk arrays of the virtual batch.
 
     x: (N1, N2·|G|, H, H′, W, W′), or (N1, N2, H, H′, W, W′) with `broadcast` (the lifting layer,
@@ -159,16 +161,34 @@ def _per_slot(x, mats: np.ndarray, q: int, padding: str, broadcast: bool):
     order = len(mats)
     n1 = x.shape[0]
     if broadcast:
-        slots = [_relative_window(x, mats[d], q, padding, 2) for d in range(order)]
+        slots = [_relative_window(x, np.asarray(mats[d]), q, padding, 2) for d in range(order)]
     else:
         xs = x.reshape((n1, x.shape[1] // order, order) + x.shape[2:])
-        slots = [_relative_window(xs[:, :, d], mats[d], q, padding, 2) for d in range(order)]
+        slots = [_relative_window(xs[:, :, d], np.asarray(mats[d]), q, padding, 2) for d in range(order)]
     out = jnp.stack(slots, axis=2)
     return out.reshape((n1, -1) + out.shape[3:])
 
 
 def _identity_window(x, q: int, padding: str, batch_ndim: int):
     return _relative_window(x, np.eye(2, dtype=np.int64), q, padding, batch_ndim)
+
+
+@partial(jax.jit, static_argnames=("mats", "q", "padding", "lifting"))
+def _unscaled_maps(nngp, ntk, cov1, cov2, *, mats: tuple, q: int, padding: str, lifting: bool):
+    """A(·) of one group layer for (nngp, ntk, cov1, cov2); one compiled unit per layer and shape.
+
+    Compiling the whole map at once (rather than op by op, as nt's eager kernel_fn would) keeps
+    first calls fast. `mats` is a tuple of R_d (hashable, static). `ntk` may be None or the
+    scalar Θ⁰ = 0, which passes through unchanged. `cov2` is the e-slice of x2, shape (N2, ...);
+    the result is repeated over the |G| slots.
+    """
+    order = len(mats)
+    nngp_u = _per_slot(nngp, mats, q, padding, broadcast=lifting)
+    ntk_u = ntk if ntk is None or ntk.ndim == 0 else _per_slot(ntk, mats, q, padding, broadcast=lifting)
+    cov1_u = _identity_window(cov1, q, padding, 1)
+    # The variance at (d, t′) equals the one at (e, t′): repeat the e-slice for every slot.
+    cov2_u = jnp.repeat(_identity_window(cov2, q, padding, 1), order, axis=0)
+    return nngp_u, ntk_u, cov1_u, cov2_u
 
 
 def _check_kernel(k, name: str):
@@ -249,7 +269,7 @@ def LiftingConv(out_chan: int, filter_shape=(3, 3), group: PlanarGroup | str = "
     group = _as_group(group)
     q = _check_args(filter_shape, padding, parameterization)
     order = group.order
-    mats = offset_matrices(group)
+    mats = tuple(tuple(map(tuple, m)) for m in offset_matrices(group).tolist())  # hashable: static for jit
 
     def init_fn(rng, input_shape):
         n, hh, ww, c_in = input_shape
@@ -279,14 +299,9 @@ def LiftingConv(out_chan: int, filter_shape=(3, 3), group: PlanarGroup | str = "
     @requires(batch_axis=0, channel_axis=-1, diagonal_spatial=Diagonal(input=Bool.NO, output=Bool.NO))
     def kernel_fn(k, **kwargs):
         k = _check_kernel(k, "LiftingConv")
-        cov2_in = k.cov1 if k.cov2 is None else k.cov2
-        nngp_u = _per_slot(k.nngp, mats, q, padding, broadcast=True)
-        ntk_u = k.ntk
-        if ntk_u is not None and ntk_u.ndim > 0:
-            ntk_u = _per_slot(ntk_u, mats, q, padding, broadcast=True)
-        cov1_u = _identity_window(k.cov1, q, padding, 1)
-        # The variance at (d, t′) equals the one at (e, t′): repeat the e-slice for every slot.
-        cov2_u = jnp.repeat(_identity_window(cov2_in, q, padding, 1), order, axis=0)
+        cov2_e = k.cov1 if k.cov2 is None else k.cov2
+        nngp_u, ntk_u, cov1_u, cov2_u = _unscaled_maps(k.nngp, k.ntk, k.cov1, cov2_e, mats=mats, q=q,
+                                                       padding=padding, lifting=True)
         fan_in = q * q * k.shape1[k.channel_axis]
         return _linear_update(k, nngp_u, ntk_u, cov1_u, cov2_u, w_std=W_std, b_std=b_std,
                               parameterization=parameterization, fan_in=fan_in)
@@ -307,7 +322,7 @@ def GroupConv(out_chan: int, filter_shape=(3, 3), group: PlanarGroup | str = "C4
     group = _as_group(group)
     q = _check_args(filter_shape, padding, parameterization)
     order = group.order
-    mats = offset_matrices(group)
+    mats = tuple(tuple(map(tuple, m)) for m in offset_matrices(group).tolist())  # hashable: static for jit
     table, inverse = group.multiplication_table, group.inverse
     # perm[g][h′] = index of g⁻¹h′: the filter slice that output slot g applies to input slot h′.
     perms = [np.asarray(table[inverse[g]]) for g in range(order)]
@@ -347,14 +362,10 @@ def GroupConv(out_chan: int, filter_shape=(3, 3), group: PlanarGroup | str = "C4
         if m % order or k.cov2 is None or k.cov2.shape[0] != m:
             raise ValueError("GroupConv's input kernel must come from a LiftingConv over the same group "
                              f"(second batch axis N2·{order}); got nngp {k.nngp.shape}")
-        nngp_u = _per_slot(k.nngp, mats, q, padding, broadcast=False)
-        ntk_u = k.ntk
-        if ntk_u is not None and ntk_u.ndim > 0:
-            ntk_u = _per_slot(ntk_u, mats, q, padding, broadcast=False)
-        cov1_u = _identity_window(k.cov1, q, padding, 1)
         # cov2's slots are identical copies of the e-slice: map one, repeat.
         cov2_e = k.cov2.reshape((m // order, order) + k.cov2.shape[1:])[:, 0]
-        cov2_u = jnp.repeat(_identity_window(cov2_e, q, padding, 1), order, axis=0)
+        nngp_u, ntk_u, cov1_u, cov2_u = _unscaled_maps(k.nngp, k.ntk, k.cov1, cov2_e, mats=mats, q=q,
+                                                       padding=padding, lifting=False)
         fan_in = q * q * order * k.shape1[k.channel_axis]
         return _linear_update(k, nngp_u, ntk_u, cov1_u, cov2_u, w_std=W_std, b_std=b_std,
                               parameterization=parameterization, fan_in=fan_in)
