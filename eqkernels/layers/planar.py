@@ -132,24 +132,34 @@ def _shifted_pair_sum(x, axis_a: int, axis_b: int, sign: int, q: int):
     return out
 
 
-def _relative_window(x, r: np.ndarray, q: int, padding: str, s0: int):
-    """(1/q²) Σ_{z∈S} x(t + z, t′ + R z) for covariances x of shape (..., H, H′, W, W′).
+def _pad_spatial(x, q: int, padding: str, s0: int):
+    """Pad the four spatial axes (from axis s0) by (q−1)/2: zeros for SAME, wrap for CIRCULAR."""
+    h = (q - 1) // 2
+    if padding == "VALID" or not h:
+        return x
+    mode = "wrap" if padding == "CIRCULAR" else "constant"
+    return jnp.pad(x, [(0, 0)] * s0 + [(h, h)] * 4, mode=mode)
+
+
+def _window_padded(x, r: np.ndarray, q: int, s0: int):
+    """(1/q²) Σ_{z∈S} x(t + z, t′ + R z) for already padded covariances x (..., H, H′, W, W′).
 
     `s0` is the index of the first spatial axis (H of the first input). R is a signed
     permutation matrix, so the sum separates into one pass per offset component: z_row moves
     the first input's H axis and the second input's axis j with R[j, 0] ≠ 0, z_col likewise.
-    SAME pads with zeros, CIRCULAR wraps, VALID shrinks every spatial axis by q−1.
+    Every spatial axis shrinks by q−1.
     """
-    h = (q - 1) // 2
-    if padding != "VALID" and h:
-        mode = "wrap" if padding == "CIRCULAR" else "constant"
-        x = jnp.pad(x, [(0, 0)] * s0 + [(h, h)] * 4, mode=mode)
     first = (s0, s0 + 2)    # H, W of the first input
     second = (s0 + 1, s0 + 3)  # H′, W′ of the second input
     for k in range(2):
         j = int(np.flatnonzero(r[:, k])[0])
         x = _shifted_pair_sum(x, first[k], second[j], int(r[j, k]), q)
     return x * (1.0 / (q * q))
+
+
+def _relative_window(x, r: np.ndarray, q: int, padding: str, s0: int):
+    """(1/q²) Σ_{z∈S} x(t + z, t′ + R z) with the layer's padding (SAME: zeros, CIRCULAR: wrap)."""
+    return _window_padded(_pad_spatial(x, q, padding, s0), r, q, s0)
 
 
 def _per_slot(x, mats, q: int, padding: str, broadcast: bool):
@@ -160,11 +170,12 @@ def _per_slot(x, mats, q: int, padding: str, broadcast: bool):
     """
     order = len(mats)
     n1 = x.shape[0]
+    x = _pad_spatial(x, q, padding, 2)  # once for all slots
     if broadcast:
-        slots = [_relative_window(x, np.asarray(mats[d]), q, padding, 2) for d in range(order)]
+        slots = [_window_padded(x, np.asarray(mats[d]), q, 2) for d in range(order)]
     else:
         xs = x.reshape((n1, x.shape[1] // order, order) + x.shape[2:])
-        slots = [_relative_window(xs[:, :, d], np.asarray(mats[d]), q, padding, 2) for d in range(order)]
+        slots = [_window_padded(xs[:, :, d], np.asarray(mats[d]), q, 2) for d in range(order)]
     out = jnp.stack(slots, axis=2)
     return out.reshape((n1, -1) + out.shape[3:])
 
@@ -177,10 +188,11 @@ def _identity_window(x, q: int, padding: str, batch_ndim: int):
 def _unscaled_maps(nngp, ntk, cov1, cov2, *, mats: tuple, q: int, padding: str, lifting: bool):
     """A(·) of one group layer for (nngp, ntk, cov1, cov2); one compiled unit per layer and shape.
 
-    Compiling the whole map at once (rather than op by op, as nt's eager kernel_fn would) keeps
-    first calls fast. `mats` is a tuple of R_d (hashable, static). `ntk` may be None or the
-    scalar Θ⁰ = 0, which passes through unchanged. `cov2` is the e-slice of x2, shape (N2, ...);
-    the result is repeated over the |G| slots.
+    nt's kernel_fn is often called without jit; evaluated op by op, every shifted slice of the
+    window sums would be materialised at full size. Compiled as a unit they fuse (and the unit is
+    simply inlined when the caller jits the whole kernel_fn). `mats` is a tuple of R_d
+    (hashable, static). `ntk` may be None or the scalar Θ⁰ = 0, which passes through unchanged.
+    `cov2` is the e-slice of x2, shape (N2, ...); the result is repeated over the |G| slots.
     """
     order = len(mats)
     nngp_u = _per_slot(nngp, mats, q, padding, broadcast=lifting)
