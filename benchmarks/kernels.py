@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -52,6 +51,16 @@ def versions() -> dict:
     return out
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). ru_maxrss is not used: on Linux a child
+    inherits its parent's maximum through fork, which would inflate small figures."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def tiles(size: int, n: int, offset: int = 0):
     import numpy as np
 
@@ -69,7 +78,7 @@ def worker(kind: str, size: int, n: int, symmetric: bool) -> dict:
     import numpy as np
 
     x1, x2 = tiles(size, n), tiles(size, n, offset=300)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_rss = peak_rss_mb()
     if kind == "nt-cnn":
         from neural_tangents import stax
 
@@ -95,10 +104,9 @@ def worker(kind: str, size: int, n: int, symmetric: bool) -> dict:
         start = time.perf_counter()
         k(x1, second)
         seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     pairs = n * n
     return {"kernel": kind, "size": size, "n": n, "symmetric": symmetric, "pairs": pairs, "seconds": seconds,
-            "pairs_per_s": pairs / seconds, "peak_rss_mb": peak / 1024, "rss_before_mb": base_rss / 1024}
+            "pairs_per_s": pairs / seconds, "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": base_rss}
 
 
 def run_worker(kind: str, size: int, n: int, symmetric: bool = False, timeout: float = 1800) -> dict:
