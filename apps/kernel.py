@@ -26,6 +26,7 @@ def kernel(
     out: Path = typer.Option(Path("kernel.h5"), "--out", "-o", help="HDF5 file for the matrices."),
     checkpoint: Optional[Path] = typer.Option(None, help="Folder for resumable kernel blocks (kept until the matrix is written)."),
     block_size: int = typer.Option(96, "--block-size", help="Tiles per block side (checkpoint granularity)."),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help="MB for the pairs evaluated at once."),
 ):
     """Compute NNGP and NTK matrices K(A, B) with the histology pipeline's preprocessing.
 
@@ -51,7 +52,7 @@ def kernel(
     if block_size < 1:
         raise InputError(f"--block-size must be >= 1, got {block_size}")
     start = time.perf_counter()
-    kern = ImageKernel(spec, block_size=block_size)
+    kern = ImageKernel(spec, block_size=block_size, memory_budget_mb=memory_budget)
     rel = kern.relative(xa, xb, checkpoint=checkpoint)
     k = family_kernels(spec, rel)
     seconds = time.perf_counter() - start

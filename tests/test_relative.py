@@ -92,3 +92,27 @@ def test_kill_dash_nine_then_rerun_gives_the_same_matrix(tmp_path):
     _, b = store.load(tmp_path / "b.h5", "kernel")
     assert np.allclose(a["ntk"], b["ntk"], rtol=1e-6, atol=0)
     assert not ck.exists()
+
+
+def test_blocks_spread_over_several_devices_give_the_same_matrix(tmp_path):
+    """Two (simulated) host devices: chunks alternate between them; the result must not change."""
+    script = """
+import numpy as np, jax
+from eqkernels.kernels import ConvNetSpec, relative_kernels
+assert len(jax.local_devices()) == 2
+x = np.random.default_rng(0).standard_normal((6, 8, 8, 3))
+r = relative_kernels(ConvNetSpec(), x, None, "C4", progress=False, chunk=4, block_size=3)
+np.save(%r, r.ntk)
+""" % str(tmp_path / "two.npy")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    x = np.random.default_rng(0).standard_normal((6, 8, 8, 3))
+    one = relative_kernels(ConvNetSpec(), x, None, "C4", progress=False, chunk=4, block_size=3).ntk
+    assert np.allclose(np.load(tmp_path / "two.npy"), one, rtol=1e-6, atol=0)
+
+
+def test_memory_budget_too_small_for_one_pair_is_refused(rng):
+    with pytest.raises(InputError, match="memory budget"):
+        relative_kernels(ConvNetSpec(), rng.standard_normal((2, 28, 28, 3)), None, "C1", memory_budget_mb=1,
+                         progress=False)

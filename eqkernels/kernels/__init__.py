@@ -25,11 +25,12 @@ class ImageKernel:
     """The infinite-width NNGP and NTK of a named image kernel family, computed by the fast engine."""
 
     def __init__(self, spec: KernelSpec | str = "cnn", *, dtype=jnp.float32, progress: bool | None = True,
-                 block_size: int = 96):
+                 block_size: int = 96, memory_budget_mb: float | None = None):
         self.spec = KernelSpec(spec) if isinstance(spec, str) else spec
         self.dtype = dtype
         self.progress = progress
         self.block_size = block_size
+        self.memory_budget_mb = memory_budget_mb
 
     @property
     def group(self) -> PlanarGroup:
@@ -45,7 +46,8 @@ class ImageKernel:
         return relative_kernels(self.spec.net, np.asarray(x1), None if x2 is None else np.asarray(x2),
                                 group or self.group, need_self=self.spec.net.readout != "linear",
                                 dtype=self.dtype, block_size=self.block_size, checkpoint=checkpoint,
-                                keep_checkpoint=keep_checkpoint, progress=self.progress,
+                                keep_checkpoint=keep_checkpoint, memory_budget_mb=self.memory_budget_mb,
+                                progress=self.progress,
                                 description=description or f"{self.spec.name} kernel")
 
     def __call__(self, x1, x2=None, get: str | tuple = ("nngp", "ntk"), **kwargs):

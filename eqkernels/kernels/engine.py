@@ -187,9 +187,22 @@ def _compiled_pairs(net: ConvNetSpec, pairs_per_step: int):
     return jax.jit(run)
 
 
-def default_pairs_per_step() -> int:
-    """Pairs evaluated together: one on CPU (cache-resident), many on accelerators (parallelism)."""
-    return 1 if jax.default_backend() == "cpu" else 64
+def pair_working_set_bytes(net: ConvNetSpec, size: int, dtype=jnp.float32) -> int:
+    """Memory one pair's spatial covariances occupy while it is evaluated (about ten (H·W)² arrays)."""
+    first = _layer_sizes(net, size)[0] if net.padding == "VALID" else size
+    return 10 * (first * (first + _LANES)) ** 2 * jnp.dtype(dtype).itemsize
+
+
+def default_pairs_per_step(net: ConvNetSpec | None = None, size: int | None = None, dtype=jnp.float32,
+                           memory_budget_mb: float | None = None) -> int:
+    """Pairs evaluated together: one on CPU (cache-resident), as many as the memory budget allows on
+    accelerators (parallelism; 4 GB unless a budget is given), at most 256."""
+    if jax.default_backend() == "cpu":
+        return 1
+    if net is None or size is None:
+        return 64
+    budget = (memory_budget_mb or 4096) * 2 ** 20
+    return int(max(1, min(256, budget // pair_working_set_bytes(net, size, dtype))))
 
 
 class PairEvaluator:

@@ -25,7 +25,7 @@ import numpy as np
 
 from eqkernels.errors import InputError
 from eqkernels.groups import PlanarGroup, get_group
-from eqkernels.kernels.engine import PairEvaluator, default_pairs_per_step
+from eqkernels.kernels.engine import PairEvaluator, default_pairs_per_step, pair_working_set_bytes
 from eqkernels.kernels.spec import ConvNetSpec
 from eqkernels.progress import Meter
 
@@ -138,14 +138,17 @@ def relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None = N
                      need_self2: bool | None = None, dtype=jnp.float32, block_size: int = 96,
                      chunk: int | None = None,
                      checkpoint: str | Path | None = None, keep_checkpoint: bool = False,
-                     progress: bool | None = True, description: str = "kernel") -> RelativeKernels:
+                     memory_budget_mb: float | None = None, progress: bool | None = True,
+                     description: str = "kernel") -> RelativeKernels:
     """Pooled relative kernels between image sets x1 (N1,H,W,C) and x2 (N2,H,W,C) for a group.
 
     `x2=None` means x2 = x1: then M_{g⁻¹} = M_gᵀ is used to compute each value once.
     `need_self` adds the self terms K_pool(x_i, g·x_i) of both sets (nonlinear readouts need both,
     posterior variances those of x1); `need_self2=False` skips the second set's.
     `checkpoint` names a folder for resumable per-block results (removed after success unless
-    `keep_checkpoint`). `block_size` (pairs per block side) bounds the memory of a block.
+    `keep_checkpoint`). `block_size` (pairs per block side) sets the checkpoint granularity;
+    `memory_budget_mb` bounds the memory of the pairs evaluated at once (refused if one pair
+    alone needs more).
     """
     group = get_group("C1") if group is None else (get_group(group) if isinstance(group, str) else group)
     x1 = np.asarray(x1)
@@ -156,6 +159,12 @@ def relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None = N
     store = _BlockStore(checkpoint, _fingerprint(net, x1, None if symmetric else x2a, group, dtype))
     devices = jax.local_devices()
     chunk = chunk or (256 if jax.default_backend() == "cpu" else 4096)
+    size = int(x1.shape[2])
+    per_pair = pair_working_set_bytes(net, size, dtype)
+    if memory_budget_mb is not None and per_pair > memory_budget_mb * 2 ** 20:
+        raise InputError(f"one pair of {size}px images needs about {per_pair / 2 ** 20:.0f} MB; "
+                         f"the memory budget is {memory_budget_mb:g} MB")
+    pairs_per_step = default_pairs_per_step(net, size, dtype, memory_budget_mb)
 
     # Plan: (key, g, pairs) for every block to compute, and how each result is scattered.
     tasks = []
@@ -216,7 +225,7 @@ def relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None = N
             right = {"cross": x2a, "self1": x1, "self2": x2a}[kind]
             with jax.default_device(device):
                 evaluators[device.id] = PairEvaluator(net, left, group.act(right, group.elements[g]),
-                                                      dtype=dtype, pairs_per_step=default_pairs_per_step())
+                                                      dtype=dtype, pairs_per_step=pairs_per_step)
         return evaluators[device.id]
 
     with Meter(total, description, enabled=progress) as meter:
