@@ -5,7 +5,8 @@ basis ("integral" normalisation), degree-major: x[..., c, l² + (m + l)] for cha
 l ≤ L, so ⟨x, x'⟩ = ∫_{S²} s s' dΩ. A rotation G acts on coefficients by e3nn's Wigner matrices,
 x ↦ D(G) x (the coefficients of y ↦ s(G⁻¹y)), since Y(G y) = D(G) Y(y).
 
-Three per-atom kernels are offered (NTK parametrisation; N(0,1) weights scaled by σ_w/√fan_in):
+Three per-atom kernels are offered (NTK parametrisation; N(0,1) weights scaled by σ_w/√fan_in;
+activation φ = ReLU or erf):
 
 - `mlp`: a ReLU MLP on the flattened coefficient vector, the same as neural-tangents'
   `stax.serial(Dense, Relu, …, Dense(1))`. Not invariant to rotations.
@@ -47,6 +48,7 @@ import numpy as np
 from eqkernels.kernels.activations import relu_moments
 
 KERNEL_NAMES = ("mlp", "mlp-so3avg", "so3gcnn")
+ACTIVATIONS = ("relu", "erf")
 SPEC_VERSION = 1  # bump when the meaning of a stored AtomKernelSpec field changes
 
 
@@ -92,7 +94,9 @@ class SO3Quadrature:
 
     @property
     def n_alpha(self) -> int:
-        return self.degree + 1
+        # Even, so that the grid is closed under inversion (α ↦ π − α is a grid point): then the
+        # quadrature kernel is exactly symmetric, k(x, x') = k(x', x).
+        return self.degree + 1 + (self.degree + 1) % 2
 
     @property
     def n_beta(self) -> int:
@@ -160,6 +164,7 @@ class AtomKernelSpec:
     """
 
     name: str = "so3gcnn"
+    activation: str = "relu"
     depth: int = 1
     weight_std: float = math.sqrt(2.0)
     bias_std: float = 0.1
@@ -169,6 +174,8 @@ class AtomKernelSpec:
     filter_band_limit: int | None = None
 
     def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         if self.name not in KERNEL_NAMES:
             raise ValueError(f"unknown kernel {self.name!r}; choose one of {', '.join(KERNEL_NAMES)}")
         if self.depth < (0 if self.name == "so3gcnn" else 1):
@@ -203,23 +210,54 @@ class AtomKernelSpec:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Nonlinearities: Gaussian expectations (K̃, K̇) for covariance k and variances v1, v2.
+
+def erf_moments(k, v1, v2):
+    """erf's (E[φφ'], E[φ̇φ̇']) (Williams 1997; the same as neural-tangents' `stax.Erf()`).
+
+    Both are analytic in k on the whole admissible range (the argument of arcsin stays below 1),
+    unlike ReLU's K̇, which has a square-root cusp where two inputs coincide (ρ → 1). On SO(3) that
+    cusp sits at the rotation matching two equivalent atom environments, and makes quadrature
+    converge slowly; erf's smooth integrand converges fast.
+    """
+    norm = (1 + 2 * v1) * (1 + 2 * v2)
+    k_tilde = (2 / np.pi) * jnp.arcsin(jnp.clip(2 * k / jnp.sqrt(norm), -1, 1))
+    k_dot = (4 / np.pi) / jnp.sqrt(jnp.maximum(norm - 4 * k * k, jnp.finfo(k.dtype).tiny))
+    return k_tilde, k_dot
+
+
+def moments(activation: str, k, v1, v2):
+    """(K̃, K̇) of the activation for covariance k and variances v1, v2 (broadcastable)."""
+    if activation == "relu":
+        return relu_moments(k, jnp.sqrt(v1), jnp.sqrt(v2))
+    return erf_moments(k, v1, v2)
+
+
+def second_moment(activation: str, v):
+    """E[φ(u)²] for u ~ N(0, v)."""
+    if activation == "relu":
+        return v / 2
+    return (2 / np.pi) * jnp.arcsin(2 * v / (1 + 2 * v))
+
+
+# --------------------------------------------------------------------------------------------------------
 # Layer recursions. All functions take coefficient arrays x (n, C, M) and are pure jax (jit-able).
 
 def _mlp_head(spec: AtomKernelSpec, k1, var1, var2):
     """NNGP and NTK of the MLP after its first Dense layer, as functions of that layer's covariance.
 
     k1 (...,): first-layer pre-activation covariance; var1, var2: the two inputs' variances
-    (broadcastable). Layers: ReLU, (Dense, ReLU)×(depth−1), Dense readout.
+    (broadcastable). Layers: φ, (Dense, φ)×(depth−1), Dense readout.
     """
-    sw2, sb2 = spec.weight_std ** 2, spec.bias_std ** 2
+    sw2, sb2, act = spec.weight_std ** 2, spec.bias_std ** 2, spec.activation
     k, theta = k1, k1
     for _ in range(spec.depth - 1):
-        kt, kd = relu_moments(k, jnp.sqrt(var1), jnp.sqrt(var2))
+        kt, kd = moments(act, k, var1, var2)
         k_new = sw2 * kt + sb2
         theta = k_new + sw2 * kd * theta
         k = k_new
-        var1, var2 = sw2 * var1 / 2 + sb2, sw2 * var2 / 2 + sb2
-    kt, kd = relu_moments(k, jnp.sqrt(var1), jnp.sqrt(var2))
+        var1, var2 = sw2 * second_moment(act, var1) + sb2, sw2 * second_moment(act, var2) + sb2
+    kt, kd = moments(act, k, var1, var2)
     ro2, rb2 = spec.readout_weight_std ** 2, spec.readout_bias_std ** 2
     nngp = ro2 * kt + rb2
     ntk = nngp + ro2 * kd * theta
@@ -303,8 +341,7 @@ def gcnn_self_variances(spec: AtomKernelSpec, x, wigner, weights, filter_band_li
     var = _gcnn_lift(spec, fourier @ jnp.asarray(_identity_flat(l_max), wigner.dtype), x.shape[1]) + sb2
     variances = [var]
     for _ in range(spec.depth):
-        std = jnp.sqrt(var)[:, None]
-        kt, _ = relu_moments(k, std, std)
+        kt, _ = moments(spec.activation, k, var[:, None], var[:, None])
         var = sw2 * _band_value_at_identity(kt, wigner_f, weights, mult_f, trace_f) + sb2
         k = sw2 * _band_project(kt, wigner_f, weights, mult_f) + sb2
         variances.append(var)
@@ -326,10 +363,10 @@ def so3gcnn_kernels(spec: AtomKernelSpec, x1, x2, var1, var2, wigner, weights, f
     k = _gcnn_lift(spec, pair_fourier(x1, x2, l_max) @ wigner.T, x1.shape[1]) + sb2   # (n1, n2, Q)
     theta = k
     for layer in range(spec.depth):
-        kt, kd = relu_moments(k, jnp.sqrt(var1[layer])[:, None, None], jnp.sqrt(var2[layer])[None, :, None])
+        kt, kd = moments(spec.activation, k, var1[layer][:, None, None], var2[layer][None, :, None])
         k = sw2 * _band_project(kt, wigner_f, weights, mult_f) + sb2
         theta = k + sw2 * _band_project(kd * theta, wigner_f, weights, mult_f)
-    kt, kd = relu_moments(k, jnp.sqrt(var1[-1])[:, None, None], jnp.sqrt(var2[-1])[None, :, None])
+    kt, kd = moments(spec.activation, k, var1[-1][:, None, None], var2[-1][None, :, None])
     ro2, rb2 = spec.readout_weight_std ** 2, spec.readout_bias_std ** 2
     nngp = ro2 * (kt @ weights) + rb2
     ntk = nngp + ro2 * ((kd * theta) @ weights)
@@ -386,3 +423,22 @@ def rotate_coefficients(x: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     l_max = _l_max_of(x)
     d = wigner_d(l_max, rotation)
     return np.einsum("mn,...n->...m", d, np.asarray(x, dtype=np.float64)).astype(np.asarray(x).dtype)
+
+
+def quadrature_error(spec: AtomKernelSpec, x1, x2, *, reference_degree: int | None = None) -> float:
+    """Relative error of the per-atom NTK from the SO(3) quadrature: max |Θ_B − Θ_ref| / max |Θ_ref|.
+
+    Θ_ref uses a finer quadrature (default degree B + 8); x1, x2 (n, C, M) are sample atom signals.
+    Returns 0 for the `mlp` kernel, which needs no quadrature. Computed in float64.
+    """
+    if spec.name == "mlp":
+        return 0.0
+    from dataclasses import replace
+
+    x1, x2 = np.asarray(x1, np.float64), np.asarray(x2, np.float64)
+    l_max = _l_max_of(x1)
+    ref = replace(spec, quadrature_degree=reference_degree or spec.quadrature_degree + 8)
+    with jax.experimental.enable_x64():
+        a = AtomKernel(spec, l_max, dtype=jnp.float64)(x1, x2)["ntk"]
+        b = AtomKernel(ref, l_max, dtype=jnp.float64)(x1, x2)["ntk"]
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
