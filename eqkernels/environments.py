@@ -44,8 +44,8 @@ class EnvironmentSpec:
     elements: tuple[int, ...] = (1, 6, 7, 8, 9)
     l_max: int = 3
     radial: str = "gaussian"
-    cutoff: float = 5.0
-    n_radial: int = 6
+    cutoff: float = 4.0
+    n_radial: int = 12
     r_min: float = 0.8
     powers: tuple[float, ...] = (2.0, 6.0)
     angular_width_deg: float = 45.0
