@@ -158,8 +158,20 @@ def transformed_copies(mols: MoleculeSet, seed: int = 0, *, rotate=True, transla
 # ----------------------------------------------------------------------------------------------------------
 # Model
 
-def _select_ridge(k_train: np.ndarray, y: np.ndarray, ridges=tuple(10.0 ** np.arange(-8, 0.25, 0.5))):
+def ridge_floor(kernel_error: float) -> float:
+    """Smallest ridge worth trying when kernel entries are known to relative precision `kernel_error`.
+
+    Float32 kernels carry ~1e-7 relative rounding and the SO(3) quadrature its own error; a ridge
+    below that level fits the numerical error: the dual coefficients grow, predictions of molecules
+    unlike the training set explode, and the quadrature error is amplified into the predictions.
+    """
+    return max(1e-6, float(kernel_error))
+
+
+def _select_ridge(k_train: np.ndarray, y: np.ndarray, ridges=tuple(10.0 ** np.arange(-6, 0.25, 0.5)), *,
+                  min_ridge: float = 0.0):
     """Ridge (relative to mean diag) with the lowest leave-one-out MAE, from one eigendecomposition."""
+    ridges = [r for r in ridges if r >= min_ridge] or [max(ridges)]
     k = 0.5 * (k_train + k_train.T)
     scale = float(np.mean(np.diag(k)))
     evals, evecs = np.linalg.eigh(k)
@@ -345,8 +357,9 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
     x = normalise_features(x, scale, l0_mean)
     mk = MoleculeKernel(kernel_spec, env_spec.l_max, progress=progress)
     k_train = mk(x, mol, len(train), description=f"training kernel ({len(train)} molecules)")["ntk"]
+    q_error = quadrature_error(kernel_spec, x[:24], x[-48::2]) if len(x) > 2 else 0.0
     if ridge is None:
-        ridge, _, alpha = _select_ridge(k_train, residual)
+        ridge, _, alpha = _select_ridge(k_train, residual, min_ridge=ridge_floor(q_error))
     else:
         if not ridge > 0:
             raise InputError(f"--ridge must be positive, got {ridge}")
@@ -354,7 +367,7 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
     max_atoms = max_atoms or 2 * int(train.n_atoms.max())
     info = {"n_train": len(train), "train_names": list(train.names)[:5000], "data": train.source,
             "kernel_seconds": mk.last_seconds, **(meta or {})}
-    info["quadrature_error"] = quadrature_error(kernel_spec, x[:24], x[-48::2]) if len(x) > 2 else 0.0
+    info["quadrature_error"] = q_error
     info["dual_l1"] = float(np.sum(np.abs(alpha)))
     return MoleculeModel(target, unit, env_spec, kernel_spec, scale, l0_mean, x, mol, alpha, residual, element_coef,
                          atomrefs, max_atoms, float(ridge), info)
