@@ -64,11 +64,16 @@ def n_fourier(l_max: int) -> int:
 
 def wigner_d(l_max: int, rotations: np.ndarray) -> np.ndarray:
     """Block-diagonal Wigner matrices (..., (L+1)², (L+1)²) of rotation matrices (..., 3, 3), float64."""
-    irreps = e3nn.Irreps([(1, (l, (-1) ** l)) for l in range(l_max + 1)])
+    rotations = np.asarray(rotations, dtype=np.float64)
+    m = n_coefficients(l_max)
+    out = np.zeros(rotations.shape[:-2] + (m, m))
     with jax.experimental.enable_x64():
-        r = jnp.asarray(np.asarray(rotations, dtype=np.float64))
-        alpha, beta, gamma = e3nn.matrix_to_angles(r)
-        return np.asarray(irreps.D_from_angles(alpha, beta, gamma))
+        alpha, beta, gamma = e3nn.matrix_to_angles(jnp.asarray(rotations))
+        for l in range(l_max + 1):
+            # per irrep: e3nn's Irreps.D_from_angles builds the block diagonal for unbatched angles only
+            block = np.asarray(e3nn.Irrep(l, (-1) ** l).D_from_angles(alpha, beta, gamma))
+            out[..., l * l:(l + 1) ** 2, l * l:(l + 1) ** 2] = block
+    return out
 
 
 def random_rotations(n: int, seed: int = 0) -> np.ndarray:
