@@ -14,6 +14,7 @@ molecule matrix. For a symmetric training matrix only tiles j ≥ i are computed
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
@@ -39,25 +40,33 @@ def _default_tile(spec: AtomKernelSpec) -> int:
     return int(max(16, min(128, 16 * round((1_000_000 / q) ** 0.5 / 16))))
 
 
+@lru_cache(maxsize=32)
+def _compiled(spec: AtomKernelSpec, l_max: int, tile: int, dtype):
+    """The atom kernel and its jitted tile contraction, shared by every MoleculeKernel of the same
+    configuration (so fitting, evaluating and predicting compile once per process)."""
+    atom_kernel = AtomKernel(spec, l_max, dtype=dtype)
+
+    def contract(p1, p2, local1, local2):
+        nngp, ntk = atom_kernel.pair(p1, p2)
+        e1 = jax.nn.one_hot(local1, tile, dtype=nngp.dtype)   # −1 (padding) gives a zero row
+        e2 = jax.nn.one_hot(local2, tile, dtype=nngp.dtype)
+        return e1.T @ nngp @ e2, e1.T @ ntk @ e2
+
+    return atom_kernel, jax.jit(contract)
+
+
 class MoleculeKernel:
     """All-pairs molecule kernel of a per-atom kernel; call with flat atoms sorted by molecule."""
 
     def __init__(self, spec: AtomKernelSpec, l_max: int, *, tile: int | None = None, dtype=jnp.float32,
                  progress: bool | None = True):
         self.spec = spec
-        self.atom_kernel = AtomKernel(spec, l_max, dtype=dtype)
         self.tile = int(tile or _default_tile(spec))
+        self.atom_kernel, self._contract = _compiled(spec, l_max, self.tile, dtype)
         self.dtype = dtype
         self.progress = progress
-        self._contract = jax.jit(self._contract_impl)
         self.last_seconds = 0.0
         self.last_atom_pairs = 0
-
-    def _contract_impl(self, p1, p2, local1, local2):
-        nngp, ntk = self.atom_kernel.pair(p1, p2)
-        e1 = jax.nn.one_hot(local1, self.tile, dtype=nngp.dtype)   # −1 (padding) gives a zero row
-        e2 = jax.nn.one_hot(local2, self.tile, dtype=nngp.dtype)
-        return e1.T @ nngp @ e2, e1.T @ ntk @ e2
 
     def _tiles(self, x, mol):
         """Per tile: prepared atom data, local molecule ids, first molecule index."""

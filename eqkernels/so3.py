@@ -423,6 +423,11 @@ class AtomKernel:
         return {"nngp": np.asarray(nngp), "ntk": np.asarray(ntk)}
 
 
+@lru_cache(maxsize=16)
+def _cached_atom_kernel(spec: AtomKernelSpec, l_max: int, dtype) -> AtomKernel:
+    return AtomKernel(spec, l_max, dtype=dtype)
+
+
 def rotate_coefficients(x: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     """Coefficients of the rotated signal y ↦ s(R⁻¹ y): D(R) x, for x (..., C, (L+1)²)."""
     l_max = _l_max_of(x)
@@ -444,6 +449,6 @@ def quadrature_error(spec: AtomKernelSpec, x1, x2, *, reference_degree: int | No
     l_max = _l_max_of(x1)
     ref = replace(spec, quadrature_degree=reference_degree or spec.quadrature_degree + 8)
     with jax.experimental.enable_x64():
-        a = AtomKernel(spec, l_max, dtype=jnp.float64)(x1, x2)["ntk"]
-        b = AtomKernel(ref, l_max, dtype=jnp.float64)(x1, x2)["ntk"]
+        a = _cached_atom_kernel(spec, l_max, jnp.float64)(x1, x2)["ntk"]
+        b = _cached_atom_kernel(ref, l_max, jnp.float64)(x1, x2)["ntk"]
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
