@@ -396,7 +396,8 @@ def learning_curve(model: MoleculeModel, test: MoleculeSet, k_test: np.ndarray |
                    sizes: list[int] | None = None, seed: int = 0, progress: bool | None = None) -> list[dict]:
     """Test MAE when the model is refitted on nested subsets of its own training set (same kernel, ridge).
 
-    Uses one training kernel and the test kernel, so it costs one extra training-kernel evaluation.
+    The atom references and the per-element linear fit of the full model are kept; only the kernel part
+    is refitted. Uses one training kernel and the test kernel: one extra training-kernel evaluation.
     """
     n = model.n_train
     if sizes is None:
@@ -423,7 +424,14 @@ def plot_learning_curve(curve: list[dict], path: str | Path, *, title: str = "",
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter, ScalarFormatter
+
     ax.loglog([r["n_train"] for r in curve], [r["mae"] for r in curve], "o-")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers, no 10^x mantissa labels on the minor ticks
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+    ax.set_xticks([r["n_train"] for r in curve])
     ax.set_xlabel("training molecules")
     ax.set_ylabel(f"test MAE ({unit})")
     ax.set_title(title)
