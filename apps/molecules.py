@@ -59,7 +59,8 @@ def train(
                          meta={"split_seed": seed, "data": str(path)})
     model.save(out)
     console.print(f"{out}: {kernel} model of {target} ({model.unit}) on {model.n_train} molecules, "
-                  f"ridge {model.ridge:g}, kernel {model.meta['kernel_seconds']:.1f} s")
+                  f"ridge {model.ridge:g}, per-atom quadrature error {model.meta['quadrature_error']:.1e}, "
+                  f"kernel {model.meta['kernel_seconds']:.1f} s")
 
 
 @app.command()
@@ -121,7 +122,8 @@ def report(
     summary = {"model": str(model_path), "target": model.target, "unit": model.unit,
                "kernel": model.kernel_spec.name, "n_train": model.n_train, "data": str(path),
                **{k: v for k, v in result.items() if k not in ("predictions", "predictions_transformed", "targets", "k_test")},
-               "learning_curve": curve, "quadrature_degree": model.kernel_spec.quadrature_degree}
+               "learning_curve": curve, "quadrature_degree": model.kernel_spec.quadrature_degree,
+               "quadrature_error_per_atom_ntk": model.meta.get("quadrature_error"), "ridge": model.ridge}
     with atomic_dir(out) as tmp:
         (tmp / "report.json").write_text(json.dumps(to_jsonable(summary), indent=2) + "\n")
         lines = ["name,target,predicted,predicted_transformed"]
@@ -131,5 +133,7 @@ def report(
         mp.plot_learning_curve(curve, tmp / "learning_curve.png", title=f"{model.kernel_spec.name}: {model.target}",
                                unit=model.unit)
     console.print(f"{model.kernel_spec.name} {model.target}: MAE {result['mae']:.4g} {model.unit}, "
-                  f"RMSE {result['rmse']:.4g}, MAE rotated {result['mae_transformed']:.4g}, "
-                  f"invariance error {result['invariance_error_rel']:.2e} (relative) on {len(test)} molecules → {out}")
+                  f"RMSE {result['rmse']:.4g}, MAE on rotated copies {result['mae_transformed']:.4g}, invariance error "
+                  f"{result['invariance_error_abs']:.3g} {model.unit} max ({result['invariance_error_rel']:.2e} of the "
+                  f"learned part; per-atom quadrature error {model.meta.get('quadrature_error', 0):.1e}) "
+                  f"on {len(test)} molecules → {out}")
