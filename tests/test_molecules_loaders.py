@@ -179,3 +179,31 @@ def test_splits_are_deterministic_and_disjoint():
     perm = np.random.default_rng(3).permutation(2000)
     np.testing.assert_array_equal(np.sort(perm[:100]), a_train)
     assert set(a_train) <= set(big)
+
+
+def test_installed_qm9pack_package_is_found(tmp_path, monkeypatch):
+    import importlib
+    import lzma
+    import sys
+
+    package = tmp_path / "site" / "qm9pack"
+    (package / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    lines = lzma.decompress(QM9_SAMPLE.read_bytes()).decode().splitlines(keepends=True)
+    (package / "data" / "qm9_part1.csv").write_text("".join(lines[:11]))   # header + 10 rows, as in the wheel
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    sys.modules.pop("qm9pack", None)
+    assert mp.installed_qm9pack_files() == [package / "data" / "qm9_part1.csv"]
+    mols = mp.load_molecules("qm9pack")
+    assert len(mols) == 10 and mols.names[0] == "gdb 25"
+    sys.modules.pop("qm9pack", None)
+
+
+def test_qm9pack_missing_gives_one_line_error(monkeypatch):
+    monkeypatch.setattr(mp, "installed_qm9pack_files", lambda: [])
+    from eqkernels.pipelines import qm9io
+
+    monkeypatch.setattr(qm9io, "installed_qm9pack_files", lambda: [])
+    with pytest.raises(InputError, match="qm9pack package is not installed"):
+        mp.load_molecules("qm9pack")
