@@ -1,0 +1,139 @@
+"""`eqk molecules`: train, predict and report QM9 property models with invariant NTKs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+
+from eqkernels.apps._common import atomic_dir, console, to_jsonable
+from eqkernels.errors import InputError
+
+app = typer.Typer(no_args_is_help=True, help="Molecules (QM9 and any ASE file): train, predict, report.",
+                  add_completion=False, pretty_exceptions_enable=False)
+
+
+def _pipeline():
+    # Imported lazily so `eqk --help` stays fast (jax and e3nn take seconds to import).
+    from eqkernels.pipelines import molecules
+
+    return molecules
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", help="Model file to write (HDF5)."),
+    data: Optional[str] = typer.Option(None, "--data", help="QM9 data: qm9pack CSV(.xz)/npz, ASE db, QM9 xyz folder "
+                                       "or archive, or 'qm9pack'. Default: the bundled 2,000-molecule sample."),
+    target: str = typer.Option("U0", "--target", help="Property: U0 U H G homo lumo gap zpve mu alpha r2 Cv A B C."),
+    kernel: str = typer.Option("so3gcnn", "--kernel", help="mlp | mlp-so3avg | so3gcnn."),
+    n_train: int = typer.Option(200, "--n-train", help="Training molecules (a fixed random split)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split."),
+    unit: Optional[str] = typer.Option(None, "--unit", help="Output unit for energies: eV (default), meV, Ha, kcal/mol."),
+    l_max: int = typer.Option(3, "--l-max", help="Spherical-harmonic degree of the atom environments."),
+    cutoff: float = typer.Option(4.0, "--cutoff", help="Neighbour cutoff radius (Å)."),
+    quadrature: int = typer.Option(7, "--quadrature", help="SO(3) quadrature degree (mlp-so3avg, so3gcnn)."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Hidden layers (mlp) / group convolutions (so3gcnn)."),
+    ridge: Optional[float] = typer.Option(None, "--ridge", help="Relative ridge; default: chosen by leave-one-out."),
+    max_atoms: Optional[int] = typer.Option(None, "--max-atoms", help="Largest molecule the model accepts "
+                                            "(default: twice the largest training molecule)."),
+):
+    """Fit a model on N training molecules and save it."""
+    mp = _pipeline()
+    from eqkernels.environments import EnvironmentSpec
+    from eqkernels.so3 import AtomKernelSpec
+
+    try:
+        env = EnvironmentSpec(l_max=l_max, cutoff=cutoff)
+        spec = AtomKernelSpec(kernel, quadrature_degree=quadrature,
+                              **({"depth": depth} if depth is not None else {}))
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    path = data or str(mp.default_data_path())
+    mols = mp.load_molecules(path)
+    train_idx, _ = mp.split_indices(len(mols), n_train, None, seed)
+    model = mp.fit_model(mols.subset(train_idx), target, kernel, unit=unit, env_spec=env, kernel_spec=spec,
+                         ridge=ridge, max_atoms=max_atoms, progress=None,
+                         meta={"split_seed": seed, "data": str(path)})
+    model.save(out)
+    console.print(f"{out}: {kernel} model of {target} ({model.unit}) on {model.n_train} molecules, "
+                  f"ridge {model.ridge:g}, per-atom quadrature error {model.meta['quadrature_error']:.1e}, "
+                  f"kernel {model.meta['kernel_seconds']:.1f} s")
+
+
+@app.command()
+def predict(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file from `eqk molecules train`."),
+    files: List[Path] = typer.Argument(..., metavar="FILE...", help="Molecule files (xyz, extxyz, sdf, pdb, QM9 xyz, "
+                                       "ASE db, qm9pack CSV …)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines."),
+    unit: Optional[str] = typer.Option(None, "--unit", help="Energy unit of the output (default: the model's)."),
+):
+    """Predict the model's property for every molecule in the files: one line 'name value unit' each."""
+    mp = _pipeline()
+    model = mp.load_model(model_path)
+    out_unit = unit or model.unit
+    if out_unit != model.unit:
+        if model.meta.get("native_unit", "Ha") != "Ha":
+            raise InputError(f"{model.target} is in {model.unit}; it cannot be given in {out_unit}")
+        mp.convert_units(0.0, model.unit, out_unit)
+    # Read and check every file before computing anything, so a bad file leaves no partial output.
+    loaded = []
+    for f in files:
+        mols = mp.load_molecules(f)
+        mp.check_molecules(mols, model.env_spec.elements, max_atoms=model.max_atoms, path=f)
+        loaded.append((f, mols))
+    rows = []
+    for f, mols in loaded:
+        values = mp.convert_units(model.predict(mols, check=False), model.unit, out_unit)
+        for k, (name, v) in enumerate(zip(mols.names, values)):
+            label = str(f) if len(mols) == 1 else f"{f}:{name}"
+            rows.append({"name": label, "value": float(v), "unit": out_unit, "target": model.target})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            typer.echo(f"{r['name']}\t{r['value']:.6f}\t{r['unit']}")
+
+
+@app.command()
+def report(
+    model_path: Path = typer.Argument(..., metavar="MODEL"),
+    out: Path = typer.Option(..., "--out", help="Folder for report.json, learning_curve.png and predictions.csv."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data with the target (default: the model's training data)."),
+    n_test: int = typer.Option(300, "--n-test", help="Held-out molecules to evaluate (not in the training set)."),
+    seed: int = typer.Option(1, "--seed", help="Seed for choosing test molecules and random rotations."),
+):
+    """Held-out MAE/RMSE, MAE on randomly rotated copies, invariance error and a learning curve."""
+    mp = _pipeline()
+    model = mp.load_model(model_path)
+    path = data or model.meta.get("data") or str(mp.default_data_path())
+    mols = mp.load_molecules(path)
+    trained = set(model.meta.get("train_names", []))
+    held = np.array([i for i, n in enumerate(mols.names) if n not in trained])
+    if len(held) == 0:
+        raise InputError("every molecule in the data was used for training; nothing to evaluate", path)
+    rng = np.random.default_rng(seed)
+    test = mols.subset(np.sort(rng.permutation(held)[:n_test]))
+    result = mp.evaluate(model, test, seed=seed, progress=None)
+    curve = mp.learning_curve(model, test, result["k_test"])
+    summary = {"model": str(model_path), "target": model.target, "unit": model.unit,
+               "kernel": model.kernel_spec.name, "n_train": model.n_train, "data": str(path),
+               **{k: v for k, v in result.items() if k not in ("predictions", "predictions_transformed", "targets", "k_test")},
+               "learning_curve": curve, "quadrature_degree": model.kernel_spec.quadrature_degree,
+               "quadrature_error_per_atom_ntk": model.meta.get("quadrature_error"), "ridge": model.ridge}
+    with atomic_dir(out) as tmp:
+        (tmp / "report.json").write_text(json.dumps(to_jsonable(summary), indent=2) + "\n")
+        lines = ["name,target,predicted,predicted_transformed"]
+        for name, y, p, q in zip(test.names, result["targets"], result["predictions"], result["predictions_transformed"]):
+            lines.append(f"{name},{y:.6f},{p:.6f},{q:.6f}")
+        (tmp / "predictions.csv").write_text("\n".join(lines) + "\n")
+        mp.plot_learning_curve(curve, tmp / "learning_curve.png", title=f"{model.kernel_spec.name}: {model.target}",
+                               unit=model.unit)
+    console.print(f"{model.kernel_spec.name} {model.target}: MAE {result['mae']:.4g} {model.unit}, "
+                  f"RMSE {result['rmse']:.4g}, MAE on rotated copies {result['mae_transformed']:.4g}, invariance error "
+                  f"{result['invariance_error_abs']:.3g} {model.unit} max ({result['invariance_error_rel']:.2e} of the "
+                  f"learned part; per-atom quadrature error {model.meta.get('quadrature_error', 0):.1e}) "
+                  f"on {len(test)} molecules → {out}")

@@ -1,0 +1,464 @@
+"""Reading molecules: QM9 in its original xyz layout, qm9pack CSVs and npz, ASE databases, any ASE file.
+
+Everything returns a `MoleculeSet`: atomic numbers and Cartesian positions (Å) per molecule, a
+name per molecule, and the QM9 properties (when the source has them) in QM9's own units
+(energies in Hartree). Unit conversion lives in `eqkernels.pipelines.molecules`.
+
+QM9: R. Ramakrishnan, P. O. Dral, M. Rupp, O. A. von Lilienfeld, "Quantum chemistry structures and
+properties of 134 kilo molecules", Sci. Data 1, 140022 (2014), doi:10.1038/sdata.2014.22.
+The original per-molecule xyz layout (that paper, Tables 2 and 3):
+    line 1            number of atoms n
+    line 2            "gdb <index>" then 15 properties, tab-separated (A B C mu alpha homo lumo gap
+                      r2 zpve U0 U H G Cv)
+    lines 3..n+2      element, x, y, z (Å), Mulliken charge (e); numbers may use Mathematica's
+                      "*^" exponent (1.5*^-6 = 1.5e-6)
+    line n+3          harmonic vibrational frequencies (cm⁻¹)
+    line n+4          SMILES from GDB-17 and from the relaxed B3LYP geometry
+    line n+5          InChI for GDB-17 and for the relaxed geometry
+"""
+from __future__ import annotations
+
+import ast
+import base64
+import csv
+import io
+import lzma
+import math
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from eqkernels.errors import InputError
+
+# The 15 QM9 properties in file order: (short name, qm9pack column, ASE-db key (schnetpack), unit).
+QM9_PROPERTIES: tuple[tuple[str, str, str, str], ...] = (
+    ("A", "RotA_GHz", "rotational_constant_A", "GHz"),
+    ("B", "RotB_GHz", "rotational_constant_B", "GHz"),
+    ("C", "RotC_GHz", "rotational_constant_C", "GHz"),
+    ("mu", "Dipole_debye", "dipole_moment", "D"),
+    ("alpha", "Polarizability_bohr3", "isotropic_polarizability", "a0^3"),
+    ("homo", "HOMO_au", "homo", "Ha"),
+    ("lumo", "LUMO_au", "lumo", "Ha"),
+    ("gap", "HOMO_LUMO_gap_au", "gap", "Ha"),
+    ("r2", "R2_bohr2", "electronic_spatial_extent", "a0^2"),
+    ("zpve", "ZPVE_au", "zpve", "Ha"),
+    ("U0", "InternalEnergy_0K_au", "energy_U0", "Ha"),
+    ("U", "InternalEnergy_298K_au", "energy_U", "Ha"),
+    ("H", "Enthalphy_298K_au", "enthalpy_H", "Ha"),
+    ("G", "GibbsFreeEnergy_298K_au", "free_energy", "Ha"),
+    ("Cv", "Heatcapacity_Cv_cal_mol_K", "heat_capacity", "cal/mol/K"),
+)
+PROPERTY_NAMES = tuple(p[0] for p in QM9_PROPERTIES)
+NATIVE_UNITS = {p[0]: p[3] for p in QM9_PROPERTIES}
+_BY_CSV = {p[1]: p[0] for p in QM9_PROPERTIES}
+_BY_DB = {p[2]: p[0] for p in QM9_PROPERTIES}
+
+SYMBOLS = ("X", "H", "He", "Li", "Be", "B", "C", "N", "O", "F", "Ne", "Na", "Mg", "Al", "Si", "P", "S", "Cl",
+           "Ar", "K", "Ca", "Sc", "Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu", "Zn", "Ga", "Ge", "As", "Se",
+           "Br", "Kr", "Rb", "Sr", "Y", "Zr", "Nb", "Mo", "Tc", "Ru", "Rh", "Pd", "Ag", "Cd", "In", "Sn", "Sb",
+           "Te", "I", "Xe")
+ATOMIC_NUMBERS = {s: z for z, s in enumerate(SYMBOLS) if z}
+
+QM9PACK_CSV_NAMES = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
+QM9PACK_NPZ_NAME = "qm9_qm9pack_compact.npz"
+
+
+@dataclass
+class MoleculeSet:
+    """Molecules as ragged lists; `properties[name]` is (N,) float64 in QM9's native units (NaN = absent)."""
+
+    names: list[str]
+    numbers: list[np.ndarray]          # each (n_i,) int
+    positions: list[np.ndarray]        # each (n_i, 3) float64, Å
+    properties: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = ""
+    extras: dict[str, list] = field(default_factory=dict)  # e.g. smiles, mulliken, frequencies
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def subset(self, index) -> "MoleculeSet":
+        index = np.asarray(index, dtype=np.int64)
+        return MoleculeSet([self.names[i] for i in index], [self.numbers[i] for i in index],
+                           [self.positions[i] for i in index],
+                           {k: v[index] for k, v in self.properties.items()}, self.source,
+                           {k: [v[i] for i in index] for k, v in self.extras.items()})
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        return np.array([len(z) for z in self.numbers], dtype=np.int64)
+
+    def element_counts(self, elements: tuple[int, ...]) -> np.ndarray:
+        """(N, len(elements)) counts of each atomic number per molecule."""
+        out = np.zeros((len(self), len(elements)), dtype=np.float64)
+        for i, z in enumerate(self.numbers):
+            for k, e in enumerate(elements):
+                out[i, k] = np.count_nonzero(z == e)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Original QM9 xyz
+
+def _qm9_float(token: str) -> float:
+    """A number from a QM9 xyz file: plain, Fortran-style or Mathematica `*^` exponent."""
+    return float(token.replace("*^", "e"))
+
+
+def parse_qm9_xyz(text: str, path: str | Path = "<text>") -> dict:
+    """Parse one molecule in the original QM9 xyz layout; returns a dict (see module docstring)."""
+    lines = text.splitlines()
+    if not lines or not text.strip():
+        raise InputError("the file is empty", path)
+    try:
+        n = int(lines[0].split()[0])
+    except (ValueError, IndexError):
+        raise InputError(f"line 1: expected the number of atoms, got {lines[0][:40]!r}", path) from None
+    if n < 1:
+        raise InputError(f"line 1: the number of atoms must be positive, got {n}", path)
+    if len(lines) < n + 2:
+        raise InputError(f"expected {n} atom lines after the header, the file has {max(len(lines) - 2, 0)}", path)
+    head = lines[1].split()
+    if len(head) < 17 or head[0] != "gdb":
+        raise InputError("line 2: expected 'gdb <index>' and 15 properties (QM9 layout)", path)
+    try:
+        index = int(head[1])
+        props = [_qm9_float(t) for t in head[2:17]]
+    except ValueError as e:
+        raise InputError(f"line 2: {e}", path) from None
+    numbers, positions, charges = [], [], []
+    for k in range(n):
+        parts = lines[2 + k].split()
+        if len(parts) < 4:
+            raise InputError(f"line {3 + k}: expected 'element x y z [charge]'", path)
+        if parts[0] not in ATOMIC_NUMBERS:
+            raise InputError(f"line {3 + k}: unknown element {parts[0]!r}", path)
+        numbers.append(ATOMIC_NUMBERS[parts[0]])
+        try:
+            positions.append([_qm9_float(t) for t in parts[1:4]])
+            charges.append(_qm9_float(parts[4]) if len(parts) > 4 else math.nan)
+        except ValueError as e:
+            raise InputError(f"line {3 + k}: {e}", path) from None
+    tail = lines[n + 2:n + 5] + [""] * 3
+    try:
+        freqs = [_qm9_float(t) for t in tail[0].split()]
+    except ValueError as e:
+        raise InputError(f"line {n + 3}: {e}", path) from None
+    return {"name": f"gdb {index}", "index": index, "numbers": np.array(numbers, dtype=np.int64),
+            "positions": np.array(positions, dtype=np.float64), "properties": dict(zip(PROPERTY_NAMES, props)),
+            "mulliken": np.array(charges), "frequencies": np.array(freqs),
+            "smiles": tail[1].split(), "inchi": tail[2].split()}
+
+
+def _format_qm9_number(value: float) -> str:
+    """Shortest exact text of a float, exponents in Mathematica's `*^` form as in QM9's files."""
+    text = repr(float(value))
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        return f"{mantissa}*^{int(exponent)}"
+    return text
+
+
+def format_qm9_xyz(index: int, numbers, positions, properties: dict[str, float], *, mulliken=None,
+                   frequencies=(), smiles: str = "", inchi: str = "") -> str:
+    """Serialise one molecule in the original QM9 xyz layout (inverse of `parse_qm9_xyz`).
+
+    qm9pack keeps one SMILES and one InChI per molecule; they are written in both columns
+    (GDB-17 and relaxed geometry) because the split between the two is not in that source.
+    """
+    numbers = np.asarray(numbers)
+    positions = np.asarray(positions, dtype=np.float64)
+    charges = np.zeros(len(numbers)) if mulliken is None else np.asarray(mulliken, dtype=np.float64)
+    fmt = _format_qm9_number
+    out = [str(len(numbers)), "\t".join([f"gdb {int(index)}"] + [fmt(properties[p]) for p in PROPERTY_NAMES]) + "\t"]
+    for z, (x, y, w), q in zip(numbers, positions, charges):
+        out.append("\t".join([SYMBOLS[int(z)], fmt(x), fmt(y), fmt(w), fmt(q)]))
+    out.append("\t".join(fmt(f) for f in frequencies))
+    out.append(f"{smiles}\t{smiles}")
+    out.append(f"{inchi}\t{inchi}")
+    return "\n".join(out) + "\n"
+
+
+def _is_qm9_xyz(text: str) -> bool:
+    lines = text.splitlines()
+    return len(lines) > 1 and lines[1].split()[:1] == ["gdb"]
+
+
+def _from_qm9_records(records: list[dict], source: str) -> MoleculeSet:
+    props = {p: np.array([r["properties"][p] for r in records], dtype=np.float64) for p in PROPERTY_NAMES}
+    extras = {"smiles": [r["smiles"][-1] if r["smiles"] else "" for r in records],
+              "mulliken": [r["mulliken"] for r in records], "frequencies": [r["frequencies"] for r in records],
+              "gdb_index": [r["index"] for r in records]}
+    return MoleculeSet([r["name"] for r in records], [r["numbers"] for r in records],
+                       [r["positions"] for r in records], props, source, extras)
+
+
+def read_qm9_xyz_files(paths) -> MoleculeSet:
+    """Molecules from original QM9 xyz files (one molecule per file)."""
+    records = [parse_qm9_xyz(_read_text(p), p) for p in paths]
+    return _from_qm9_records(records, ",".join(map(str, paths[:3])) + ("…" if len(paths) > 3 else ""))
+
+
+def read_qm9_tar(path: str | Path, limit: int | None = None) -> MoleculeSet:
+    """Molecules from a tar archive of QM9 xyz files (the figshare `dsgdb9nsd.xyz.tar.bz2`)."""
+    records = []
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.endswith(".xyz"):
+                    continue
+                text = tar.extractfile(member).read().decode()
+                records.append(parse_qm9_xyz(text, f"{path}:{member.name}"))
+                if limit and len(records) >= limit:
+                    break
+    except tarfile.TarError as e:
+        raise InputError(f"not a readable tar archive ({e})", path) from None
+    if not records:
+        raise InputError("the archive holds no .xyz files", path)
+    records.sort(key=lambda r: r["index"])
+    return _from_qm9_records(records, str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# qm9pack CSV and npz
+
+def _read_text(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError("no such file", path) from None
+    except IsADirectoryError:
+        raise InputError("is a folder, not a file", path) from None
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror})", path) from None
+    if path.name.endswith(".xz"):
+        try:
+            raw = lzma.decompress(raw)
+        except lzma.LZMAError:
+            raise InputError("not a valid xz file", path) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("not a text file (not UTF-8)", path) from None
+
+
+def read_qm9pack_csv(paths, limit: int | None = None) -> MoleculeSet:
+    """Molecules from qm9pack CSV files (optionally .xz), in the order given."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    names, numbers, positions, extras = [], [], [], {"smiles": [], "gdb_index": [], "mulliken": []}
+    props: dict[str, list] = {p: [] for p in PROPERTY_NAMES}
+    for path in paths:
+        text = _read_text(path)
+        if not text.strip():
+            raise InputError("the file is empty", path)
+        reader = csv.DictReader(io.StringIO(text))
+        missing = {"Index", "Elements", "XYZ_Ang", *(_BY_CSV)} - set(reader.fieldnames or [])
+        if missing:
+            raise InputError(f"not a qm9pack CSV: missing columns {', '.join(sorted(missing)[:4])}", path)
+        for row_no, row in enumerate(reader, start=2):
+            try:
+                elements = ast.literal_eval(row["Elements"])
+                xyz = np.array(ast.literal_eval(row["XYZ_Ang"]), dtype=np.float64)
+                z = np.array([ATOMIC_NUMBERS[e] for e in elements], dtype=np.int64)
+                values = {_BY_CSV[c]: float(row[c]) for c in _BY_CSV}
+                index = int(row["Index"])
+                mulliken = np.array(ast.literal_eval(row["Mulliken_pop"]), float) if row.get("Mulliken_pop") else None
+            except (ValueError, SyntaxError, KeyError, TypeError) as e:
+                raise InputError(f"line {row_no}: malformed qm9pack row ({type(e).__name__})", path) from None
+            if xyz.shape != (len(z), 3):
+                raise InputError(f"line {row_no}: {len(z)} elements but coordinates of shape {xyz.shape}", path)
+            names.append(f"gdb {index}")
+            numbers.append(z)
+            positions.append(xyz)
+            for k, v in values.items():
+                props[k].append(v)
+            extras["smiles"].append(row.get("SMILES", ""))
+            extras["gdb_index"].append(index)
+            extras["mulliken"].append(mulliken)
+            if limit and len(names) >= limit:
+                break
+        if limit and len(names) >= limit:
+            break
+    return MoleculeSet(names, numbers, positions, {k: np.array(v) for k, v in props.items()},
+                       ",".join(map(str, paths)), extras)
+
+
+def qm9pack_rows(path: str | Path) -> list[dict]:
+    """The raw rows (column → text) of a qm9pack CSV, e.g. to write them out as QM9 xyz files."""
+    return list(csv.DictReader(io.StringIO(_read_text(path))))
+
+
+def qm9pack_row_to_xyz(row: dict) -> str:
+    """One qm9pack CSV row in the original QM9 xyz layout."""
+    elements = ast.literal_eval(row["Elements"])
+    return format_qm9_xyz(int(row["Index"]), [ATOMIC_NUMBERS[e] for e in elements], ast.literal_eval(row["XYZ_Ang"]),
+                          {_BY_CSV[c]: float(row[c]) for c in _BY_CSV},
+                          mulliken=ast.literal_eval(row["Mulliken_pop"]),
+                          frequencies=ast.literal_eval(row["Harmonic_Freq_cmi"]),
+                          smiles=row["SMILES"], inchi=row["InChi"])
+
+
+def read_qm9pack_npz(path: str | Path, limit: int | None = None) -> MoleculeSet:
+    """Molecules from the compact npz repack of qm9pack (see shared/data PROVENANCE, 1b)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            offsets = f["offsets"]
+            n = len(offsets) - 1 if not limit else min(limit, len(offsets) - 1)
+            z_all, r_all = f["Z"][:offsets[n]].astype(np.int64), f["R"][:offsets[n]].astype(np.float64)
+            props = f["properties"][:n]
+            prop_names = [str(s) for s in f["property_names"]]
+            gdb = f["gdb_index"][:n]
+            smiles = [str(s) for s in f["smiles"][:n]] if "smiles" in f.files else [""] * n
+    except FileNotFoundError:
+        raise InputError("no such file", path) from None
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"not a qm9pack npz ({type(e).__name__}: {str(e).splitlines()[0][:80]})", path) from None
+    numbers = [z_all[offsets[i]:offsets[i + 1]] for i in range(n)]
+    positions = [r_all[offsets[i]:offsets[i + 1]] for i in range(n)]
+    properties = {_BY_CSV[c]: props[:, k].astype(np.float64) for k, c in enumerate(prop_names) if c in _BY_CSV}
+    return MoleculeSet([f"gdb {int(g)}" for g in gdb], numbers, positions, properties, str(path),
+                       {"smiles": smiles, "gdb_index": [int(g) for g in gdb]})
+
+
+def installed_qm9pack_files() -> list[Path]:
+    """The CSVs inside an installed `qm9pack` package (pip install qm9pack), or [] if it is absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qm9pack")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    for root in spec.submodule_search_locations:
+        data = Path(root) / "data"
+        files = [data / n for n in QM9PACK_CSV_NAMES if (data / n).exists()]
+        if files:
+            return files
+    return []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ASE databases and other ASE files
+
+def _decode_db_value(value) -> float:
+    """A property from an ASE db row: a number, an array, or schnetpack's old base64 float64 string."""
+    if isinstance(value, (str, bytes)):
+        return float(np.frombuffer(base64.b64decode(value), dtype=np.float64)[0])
+    return float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
+
+
+def read_ase_db(path: str | Path, limit: int | None = None) -> MoleculeSet:
+    """Molecules from an ASE SQLite database in schnetpack's QM9 layout (old or new data format).
+
+    New format (schema 9): `row.data[key]` arrays, units in metadata['_property_unit_dict'] (QM9 units).
+    Old format: base64 float64 strings in `row.data`, no unit dictionary; schnetpack ≤ 0.3 stored
+    QM9 energies in eV, which is converted back to Hartree here.
+    """
+    import ase.db
+    from ase.units import Hartree
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file", path)
+    try:
+        db = ase.db.connect(str(path), type="db")
+        metadata = db.metadata
+        rows = list(db.select(limit=limit) if limit else db.select())
+    except Exception as e:  # ase raises sqlite3 errors of several kinds for a non-database file
+        raise InputError(f"not a readable ASE database ({type(e).__name__})", path) from None
+    if not rows:
+        raise InputError("the database holds no molecules", path)
+    units = metadata.get("_property_unit_dict")
+    props: dict[str, list] = {}
+    names, numbers, positions = [], [], []
+    for k, row in enumerate(rows):
+        names.append(row.get("name", f"{path.stem}#{row.id}"))
+        numbers.append(np.asarray(row.numbers, dtype=np.int64))
+        positions.append(np.asarray(row.positions, dtype=np.float64))
+        data = dict(row.data) if row.get("data") is not None else {}
+        data.update(row.key_value_pairs)
+        for key, value in data.items():
+            if key.startswith("_") or key not in _BY_DB:
+                continue
+            v = _decode_db_value(value)
+            if units is None and isinstance(value, (str, bytes)) and NATIVE_UNITS[_BY_DB[key]] == "Ha":
+                v = v / Hartree
+            props.setdefault(_BY_DB[key], [math.nan] * len(rows))[k] = v
+    return MoleculeSet(names, numbers, positions, {k: np.array(v) for k, v in props.items()}, str(path),
+                       {"atomrefs": [metadata.get("atomrefs")]})
+
+
+def read_ase_file(path: str | Path) -> MoleculeSet:
+    """Every structure in a file ASE can read (xyz, extxyz, sdf, pdb, cif, …); properties are not read."""
+    import ase.io
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file", path)
+    if path.is_dir():
+        raise InputError("is a folder, not a molecule file", path)
+    if path.stat().st_size == 0 or not path.read_bytes().strip():
+        raise InputError("the file is empty", path)
+    try:
+        frames = ase.io.read(str(path), index=":")
+    except Exception as e:  # ASE's readers raise many types for malformed text
+        msg = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise InputError(f"cannot read as a molecule file ({msg})", path) from None
+    if not isinstance(frames, list):
+        frames = [frames]
+    if not frames or all(len(a) == 0 for a in frames):
+        raise InputError("no atoms found in the file", path)
+    stem = path.name
+    names = [stem if len(frames) == 1 else f"{stem}#{i + 1}" for i in range(len(frames))]
+    return MoleculeSet(names, [np.asarray(a.numbers, dtype=np.int64) for a in frames],
+                       [np.asarray(a.positions, dtype=np.float64) for a in frames], {}, str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One entry point
+
+def load_molecules(path: str | Path, limit: int | None = None) -> MoleculeSet:
+    """Read molecules from any supported source, chosen by what `path` is.
+
+    - "qm9pack": the CSVs of an installed qm9pack package;
+    - a folder: its qm9pack npz, else its qm9pack CSVs (optionally .xz), else its QM9 xyz files;
+    - *.csv / *.csv.xz: qm9pack CSV; *.npz: qm9pack compact npz; *.db: ASE database;
+    - *.tar, *.tar.bz2, *.tgz…: archive of QM9 xyz files;
+    - *.xyz in the QM9 layout ("gdb" on line 2); anything else ASE reads.
+    """
+    if str(path) == "qm9pack":
+        files = installed_qm9pack_files()
+        if not files:
+            raise InputError("the qm9pack package is not installed (pip install qm9pack)", "qm9pack")
+        return read_qm9pack_csv(files, limit)
+    path = Path(path)
+    name = path.name.lower()
+    if path.is_dir():
+        if (path / QM9PACK_NPZ_NAME).exists():
+            return read_qm9pack_npz(path / QM9PACK_NPZ_NAME, limit)
+        for folder in (path, path / "qm9pack_v1.0.3"):
+            csvs = [c for n in QM9PACK_CSV_NAMES for c in (folder / n, folder / f"{n}.xz") if c.exists()]
+            if csvs:
+                return read_qm9pack_csv(csvs, limit)
+        xyz = sorted(path.glob("*.xyz"))[:limit] if limit else sorted(path.glob("*.xyz"))
+        if xyz:
+            return read_qm9_xyz_files(xyz)
+        raise InputError("folder holds no qm9pack npz/CSV and no .xyz files", path)
+    if not path.exists():
+        raise InputError("no such file", path)
+    if name.endswith((".csv", ".csv.xz")):
+        return read_qm9pack_csv([path], limit)
+    if name.endswith(".npz"):
+        return read_qm9pack_npz(path, limit)
+    if name.endswith(".db"):
+        return read_ase_db(path, limit)
+    if name.endswith((".tar", ".tar.bz2", ".tbz2", ".tar.gz", ".tgz", ".tar.xz")):
+        return read_qm9_tar(path, limit)
+    if name.endswith(".xyz"):
+        text = _read_text(path)
+        if not text.strip():
+            raise InputError("the file is empty", path)
+        if _is_qm9_xyz(text):
+            return _from_qm9_records([parse_qm9_xyz(text, path)], str(path))
+    return read_ase_file(path)
