@@ -58,8 +58,11 @@ class HistologyModel:
         from eqkernels.kernels.relative import relative_kernels
 
         group = get_group(group or self.spec.group or "C1")
+        # Self terms of the test tiles serve the posterior variance; the training tiles' are only
+        # needed by a nonlinear readout.
         return relative_kernels(self.spec.net, inputs, self.train_inputs, group, need_self=True,
-                                checkpoint=checkpoint, progress=progress, description=description)
+                                need_self2=self.spec.net.readout != "linear", checkpoint=checkpoint,
+                                progress=progress, description=description)
 
     def predict_from_relative(self, rel: RelativeKernels, element: int = 0) -> Prediction:
         """Prediction for g·x where g is element number `element` of `rel`'s group (0: x itself)."""

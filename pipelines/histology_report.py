@@ -82,7 +82,8 @@ def evaluate(models: list[HistologyModel], test: TileSet, *, progress: bool | No
     group = get_group(union)
     start = _time.perf_counter()
     inputs = first.preprocessing(test.images)
-    rel = relative_kernels(first.spec.net, inputs, first.train_inputs, group, need_self=True, progress=progress,
+    rel = relative_kernels(first.spec.net, inputs, first.train_inputs, group, need_self=True,
+                           need_self2=any(m.spec.net.readout != "linear" for m in models), progress=progress,
                            checkpoint=checkpoint, description=f"test × train kernel ({union})")
     kernel_seconds = _time.perf_counter() - start
     out = []

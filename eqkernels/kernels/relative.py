@@ -135,13 +135,15 @@ def _block_pairs(rows: range, cols: range, upper_only: bool) -> tuple[np.ndarray
 
 def relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None = None,
                      group: PlanarGroup | str | None = None, *, need_self: bool = False,
-                     dtype=jnp.float32, block_size: int = 96, chunk: int | None = None,
+                     need_self2: bool | None = None, dtype=jnp.float32, block_size: int = 96,
+                     chunk: int | None = None,
                      checkpoint: str | Path | None = None, keep_checkpoint: bool = False,
                      progress: bool | None = True, description: str = "kernel") -> RelativeKernels:
     """Pooled relative kernels between image sets x1 (N1,H,W,C) and x2 (N2,H,W,C) for a group.
 
     `x2=None` means x2 = x1: then M_{g⁻¹} = M_gᵀ is used to compute each value once.
-    `need_self` adds the self terms K_pool(x_i, g·x_i) needed by nonlinear readouts.
+    `need_self` adds the self terms K_pool(x_i, g·x_i) of both sets (nonlinear readouts need both,
+    posterior variances those of x1); `need_self2=False` skips the second set's.
     `checkpoint` names a folder for resumable per-block results (removed after success unless
     `keep_checkpoint`). `block_size` (pairs per block side) bounds the memory of a block.
     """
@@ -169,8 +171,9 @@ def relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None = N
                 i, j = _block_pairs(rows, cols, upper and r0 == c0)
                 if len(i):
                     tasks.append((f"m_g{g}_r{r0}_c{c0}", g, i, j, "cross"))
+    need_self2 = need_self if need_self2 is None else need_self2
     if need_self and not symmetric:
-        for name, n in (("self1", n1), ("self2", n2)):
+        for name, n in (("self1", n1), ("self2", n2)) if need_self2 else (("self1", n1),):
             for g in range(order):
                 for r0 in range(0, n, block_size):
                     i = np.arange(r0, min(r0 + block_size, n))
@@ -249,7 +252,8 @@ def relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None = N
             result.self1_ntk = result.self2_ntk = ntk[:, diag, diag]
         else:
             result.self1_nngp, result.self1_ntk = selfs["self1"]
-            result.self2_nngp, result.self2_ntk = selfs["self2"]
+            if need_self2:
+                result.self2_nngp, result.self2_ntk = selfs["self2"]
     if not keep_checkpoint:
         store.remove()
     return result
