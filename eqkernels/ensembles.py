@@ -237,6 +237,7 @@ class Ensemble:
     initial_params: Any = None            # θ₀ of centred members (same layout), else None
     loss_history: np.ndarray | None = None  # (steps, M): training loss before each step
     seconds: float = 0.0
+    timing: dict = field(default_factory=dict)  # member_chunk, first_step_s (with compilation), step_s
 
     @property
     def members(self) -> int:
@@ -358,7 +359,14 @@ def augmented(inputs: np.ndarray, targets: np.ndarray, group: str) -> tuple[np.n
 
 
 def _make_step(spec: EnsembleSpec, n_train: int, shared_targets: bool):
-    """One jit-compiled training step for a chunk of members (vmapped over the member axis)."""
+    """(optimizer, one jit-compiled training step for a chunk of members, vmapped over members)."""
+    # Cached without the fields the step does not depend on, so ensembles that differ only in
+    # members, steps or seed (and a timing run before the real one) share the compiled step.
+    return _step_fn(replace(spec, members=1, steps=0, seed=0), n_train, shared_targets)
+
+
+@lru_cache(maxsize=None)
+def _step_fn(spec: EnsembleSpec, n_train: int, shared_targets: bool):
     import optax
 
     _, apply_fn = network(spec)
@@ -422,6 +430,8 @@ def train(spec: EnsembleSpec, inputs: np.ndarray, targets: np.ndarray, *, member
 
     started = _time.perf_counter()
     params_parts, initial_parts, histories = [], [], []
+    timing = {"member_chunk": chunk, "first_step_s": None, "step_s": None}
+    later_steps, later_seconds = 0, 0.0
     with Meter(spec.members * spec.steps, description or f"training {spec.label} ensemble", unit="member-steps",
                enabled=progress) as meter:
         for first in range(0, spec.members, chunk):
@@ -438,20 +448,32 @@ def train(spec: EnsembleSpec, inputs: np.ndarray, targets: np.ndarray, *, member
                 initial, y_dev = None, jnp.asarray(y)
             member_keys = jax.vmap(lambda m: jax.random.fold_in(data_root, m))(jnp.asarray(ids_padded))
             losses = []
+            jax.block_until_ready(params)
+            tick = _time.perf_counter()
             for k in range(spec.steps):
                 params, opt_state, loss = step(params, opt_state, member_keys, jnp.int32(k), x_dev, y_dev)
                 losses.append(loss)
+                if k == 0 and first == 0:  # the first step compiles; time the others on their own
+                    jax.block_until_ready(loss)
+                    timing["first_step_s"] = _time.perf_counter() - tick
+                    tick = _time.perf_counter()
                 if k % 10 == 9 or k == spec.steps - 1:
                     jax.block_until_ready(loss)
                     meter.advance(len(ids) * (10 if k % 10 == 9 else k % 10 + 1))
+            jax.block_until_ready(params)
+            timed = spec.steps - (1 if first == 0 else 0)
+            if timed > 0:
+                later_steps, later_seconds = later_steps + timed, later_seconds + _time.perf_counter() - tick
             keep = slice(0, len(ids))
             params_parts.append(jax.tree_util.tree_map(lambda a: a[keep], params))
             if initial is not None:
                 initial_parts.append(jax.tree_util.tree_map(lambda a: a[keep], initial))
             histories.append(np.asarray(jnp.stack(losses))[:, keep] if losses else np.zeros((0, len(ids))))
     join = lambda parts: jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)  # noqa: E731
+    if later_steps:
+        timing["step_s"] = later_seconds / later_steps  # one compiled step of `member_chunk` members
     return Ensemble(spec, input_shape, join(params_parts), join(initial_parts) if initial_parts else None,
-                    np.concatenate(histories, axis=1), _time.perf_counter() - started)
+                    np.concatenate(histories, axis=1), _time.perf_counter() - started, timing)
 
 
 def size_curve(member_outputs: np.ndarray, sizes, measure, *, max_subsets: int = 10) -> dict:

@@ -27,3 +27,12 @@ def test_relative_distance():
     assert metrics.relative_distance(np.zeros_like(a), a) == 1.0
     with pytest.raises(ValueError, match="shapes"):
         metrics.relative_distance(a, a.T)
+
+
+def test_mean_relative_change_with_a_fixed_scale(rng):
+    outputs = rng.standard_normal((4, 6, 3))
+    absolute = np.mean(np.linalg.norm(outputs[1:] - outputs[:1], axis=-1))
+    assert metrics.mean_relative_change(outputs, scale=2.0) == pytest.approx(absolute / 2)
+    # Halving the outputs halves the fixed-scale measure; the self-normalised one does not move.
+    assert metrics.mean_relative_change(outputs / 2, scale=2.0) == pytest.approx(absolute / 4)
+    assert metrics.mean_relative_change(outputs / 2) == pytest.approx(metrics.mean_relative_change(outputs))
