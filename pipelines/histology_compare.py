@@ -46,20 +46,20 @@ GROUP_KERNELS = {"C4": ("cnn", "cnn-c4avg", "p4cnn"), "D4": ("cnn", "cnn-d4avg",
 class CompareConfig:
     """Sizes of one comparison run. The defaults run in about 10 minutes on 2 CPU cores."""
 
-    size: int = 12                 # tiles are resized to size × size px
+    size: int = 8                  # tiles are resized to size × size px (Kather-2016 tiles are 8 px)
     n_train: int = 100             # training tiles (class-stratified)
     n_test: int = 200              # held-out tiles
     n_ood: int = 100               # out-of-distribution tiles, and as many noise images
     group: str = "C4"
     width: int = 16                # CNN channels
     gcnn_width: int = 8            # GCNN channels per group element (|G|·8 = 32 feature maps)
-    steps: int = 100               # gradient-descent steps (full batch unless batch_size)
+    steps: int = 150               # gradient-descent steps (full batch unless batch_size)
     lr_scale: float = 1.0          # η = lr_scale / λ_max(Θ_cnn(X, X))
     batch_size: int | None = None
     members: int = 20              # members of one CNN ensemble
     gcnn_members: int = 10         # members of one GCNN ensemble
-    seeds: int = 3                 # independent ensembles per model
-    curve_sizes: tuple = (1, 2, 5, 10, 20, 50)
+    seeds: int = 5                 # independent ensembles per model
+    curve_sizes: tuple = (1, 2, 5, 10, 20, 50, 100)
     centred: bool = False          # train the compared ensembles as centred networks too
     widths: tuple = (16, 32, 64, 128)      # width study (centred CNNs, no augmentation)
     width_members: int = 4
@@ -142,8 +142,9 @@ def load_inputs(config: CompareConfig, data: str | Path | None = None, ood: str 
         name = "kather2016" if ood is None else "ood"
         sets[name] = prep(ood_tiles.images)
         side = ood_tiles.images.shape[1]
-        descriptions[name] = (f"{len(ood_tiles)} tiles of {ood_path.name} ({side}×{side} px, resized to "
-                              f"{config.size} px, standardised with the training statistics)")
+        resized = f"resized to {config.size} px" if side != config.size else "at their own size"
+        descriptions[name] = (f"{len(ood_tiles)} tiles of {ood_path.name} ({side}×{side} px, {resized}, "
+                              f"standardised with the training statistics)")
         rng = np.random.default_rng(config.split_seed + 12345)
         sets["noise"] = rng.standard_normal((config.n_ood, config.size, config.size, 3)).astype(np.float32)
         descriptions["noise"] = f"{config.n_ood} images of i.i.d. standard normal pixels"
@@ -508,6 +509,48 @@ def _table(rows: list[list[str]]) -> list[str]:
             + ["| " + " | ".join(r) + " |" for r in rows[1:]])
 
 
+def summary_lines(summary: dict) -> list[str]:
+    """The main numbers in words: what adding members did with and without augmentation, and the width study."""
+    out = []
+    sets = list(summary["sets"])
+    curves = summary["curves"]
+    for pool in ("cnn-aug", "cnn"):
+        if pool not in curves:
+            continue
+        label = summary["pools"][pool]["label"]
+        parts = []
+        for s in sets:
+            c = curve_ends(curves[pool][f"invariance_error_{s}"])
+            if c:
+                parts.append(f"{SET_TITLES.get(s, s)} {c[1]:.3f} → {c[3]:.3f}")
+        c = curve_ends(curves[pool]["invariance_error_test"])
+        if c:
+            out.append(f"- **{label}**: invariance error of the ensemble mean from {c[0]} to {c[2]} members: "
+                       + ", ".join(parts) + f" (1/√members would give ×{math.sqrt(c[0] / c[2]):.2f})")
+    avg = summary["rows"].get(f"kernel {GROUP_KERNELS[summary['group']][1]}")
+    plain = summary["rows"].get(f"kernel {GROUP_KERNELS[summary['group']][0]}")
+    if avg and plain:
+        out.append(f"- **infinite ensembles (kernels)**: without augmentation invariance error "
+                   + ", ".join(f"{SET_TITLES.get(s, s)} {plain['values'][f'invariance_error_{s}']:.3f}" for s in sets)
+                   + f"; with augmentation {max(avg['values'][f'invariance_error_{s}'] for s in sets):.1e} (exact)")
+    gcnn = summary["rows"].get("ensemble gcnn")
+    if gcnn:
+        worst = max(gcnn["values"][f"invariance_error_{s}"][0] for s in sets)
+        out.append(f"- **GCNN ensemble**: invariant to float precision (largest invariance error {worst:.1e})")
+    w = summary["width_study"]
+    if len(w["widths"]) > 1:
+        out.append(f"- **width study** (centred): distance of the ensemble mean to μ_k {w['distance_mean'][0]:.3f} at "
+                   f"width {w['widths'][0]} → {w['distance_mean'][-1]:.3f} at width {w['widths'][-1]}")
+    return out
+
+
+def curve_ends(curve: dict):
+    """(first size, its mean, last size, its mean) of a size curve, or None when it is empty."""
+    if not curve["sizes"]:
+        return None
+    return curve["sizes"][0], curve["mean"][0], curve["sizes"][-1], curve["mean"][-1]
+
+
 def markdown(summary: dict) -> str:
     c, order, group = summary["config"], summary["group_order"], summary["group"]
     kernels = GROUP_KERNELS[group]
@@ -538,6 +581,7 @@ def markdown(summary: dict) -> str:
                  "group-convolution layers (eqkernels.layers.planar)"),
               f"- transformed-tile kernels come from the identity K(a·x, y) = K(x, a⁻¹·y); recomputed from "
               f"pixels for 2 tiles: max relative deviation {summary['identity_check']:.1e}", ""]
+    lines += ["## Summary", ""] + summary_lines(summary) + [""]
     lines += [f"## Headline (in the form of Gerken & Kessel 2024): orbit-same-predictions of {order} and accuracy", ""]
     lines += _table(headline_rows(summary))
     lines += ["", f"*orbit-same*: of the {order} transformed copies of an input, how many get the prediction of the "
@@ -634,8 +678,8 @@ def plot(summary: dict, out_dir: Path) -> None:
     ax.plot(widths, w["distance_mean"], "o-", label=f"ensemble mean ({w['members']} members)")
     ax.errorbar(widths, w["distance_member_mean"], yerr=w["distance_member_std"], fmt="s--", capsize=2,
                 label="single members")
-    if len(widths):
-        ax.plot(widths, w["distance_member_mean"][0] * np.sqrt(widths[0] / widths), color="grey", lw=0.8,
+    if len(widths):  # the guide passes through the widest point, where the scaling should hold best
+        ax.plot(widths, w["distance_member_mean"][-1] * np.sqrt(widths[-1] / widths), color="grey", lw=0.8,
                 label="1/√width")
     ax.set(xscale="log", yscale="log", xlabel="width (channels)", ylabel="‖f − μ_k‖/‖μ_k‖ (test)",
            title="centred CNNs approach the NTK mean prediction")

@@ -326,3 +326,21 @@ def test_compare_bad_input_is_one_line(cli, tmp_path):
     assert_one_line_error(cli("compare", "--size", "4", "--out", out), "too small")
     assert_one_line_error(cli("compare", "--data", tmp_path / "none", "--out", out, *TINY[2:]), "none", "no such")
     assert not out.exists()
+
+
+def test_compare_command_defaults_are_the_configuration_defaults():
+    """The CLI repeats the defaults (to keep `eqk --help` free of heavy imports); they must agree."""
+    import inspect
+
+    from eqkernels.apps.compare import compare
+    from eqkernels.pipelines.histology_compare import CompareConfig
+
+    config = CompareConfig()
+    options = {name: p.default.default for name, p in inspect.signature(compare).parameters.items()}
+    for name, value in config.to_dict().items():
+        if name in ("member_chunk",):
+            continue
+        cli_value = options[name]
+        if isinstance(value, list):
+            cli_value = [int(v) for v in cli_value.split(",")]
+        assert cli_value == value, name
