@@ -117,14 +117,22 @@ def _collect_inputs(model, paths: List[Path]):
 
 @app.command()
 def predict(
-    model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file from `eqk histology train`."),
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file from `eqk histology train`, or an "
+                                                                 "ensemble file (e.g. from `eqk compare`)."),
     tiles: List[Path] = typer.Argument(..., metavar="TILE...", help="Tile files (TIFF/PNG) or tile collections."),
     kernel: Optional[KernelName] = typer.Option(None, help="Refuse the model unless it uses this kernel."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per tile on stdout."),
 ):
-    """Predict the class of each tile, with scores for every class."""
+    """Predict the class of each tile, with scores for every class (an ensemble: the members' mean)."""
+    from eqkernels import store
+    from eqkernels.ensembles import ENSEMBLE_KIND
     from eqkernels.pipelines.histology_model import HistologyModel
 
+    if store.kind_of(model_path) == ENSEMBLE_KIND:
+        if kernel is not None:
+            raise InputError(f"holds a finite-width ensemble, not a kernel model; --kernel {kernel.value} "
+                             "applies to kernel models only", model_path)
+        return _predict_ensemble(model_path, tiles, as_json)
     model = HistologyModel.load(model_path, expected_kernel=kernel.value if kernel else None)
     inputs, names = _collect_inputs(model, tiles)
     pred = model.predict_from_relative(model.relative(inputs, progress=None))
@@ -141,6 +149,35 @@ def predict(
     table.add_column("runner-up")
     table.add_column("NNGP sd", justify="right")
     for name, cls, scores, s in zip(names, pred.classes, pred.scores, std):
+        second = int(np.argsort(scores)[-2]) if len(scores) > 1 else cls
+        table.add_row(_short(name), f"[bold]{model.class_names[cls]}[/]", f"{scores[cls]:+.3f}",
+                      f"{model.class_names[second]} {scores[second]:+.3f}", f"{s:.3f}")
+    console.print(table)
+    console.print("all class scores: --json")
+
+
+def _predict_ensemble(path: Path, tiles: List[Path], as_json: bool) -> None:
+    """`predict` for an ensemble file: mean of the members' scores, and their spread."""
+    from eqkernels.pipelines.histology_ensemble import HistologyEnsemble
+
+    model = HistologyEnsemble.load(path)
+    inputs, names = _collect_inputs(model, tiles)
+    pred = model.predict_inputs(inputs)
+    members = model.ensemble.members
+    if as_json:
+        for name, cls, scores, s in zip(names, pred.classes, pred.scores, pred.member_std):
+            print(json.dumps(to_jsonable({"tile": name, "class": model.class_names[cls],
+                                          "scores": dict(zip(model.class_names, scores)), "member_std": s,
+                                          "members": members})))
+        return
+    table = Table(title=f"{model.spec.label} ensemble of {members} predictions (scores: members' mean of centred "
+                        "one-hot targets)")
+    table.add_column("tile", overflow="fold", max_width=48)
+    table.add_column("class")
+    table.add_column("score", justify="right")
+    table.add_column("runner-up")
+    table.add_column("member sd", justify="right")
+    for name, cls, scores, s in zip(names, pred.classes, pred.scores, pred.member_std):
         second = int(np.argsort(scores)[-2]) if len(scores) > 1 else cls
         table.add_row(_short(name), f"[bold]{model.class_names[cls]}[/]", f"{scores[cls]:+.3f}",
                       f"{model.class_names[second]} {scores[second]:+.3f}", f"{s:.3f}")

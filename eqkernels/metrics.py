@@ -46,6 +46,35 @@ def max_relative_change(orbit_outputs: np.ndarray) -> float:
     return float(np.max(rel)) if rel.size else 0.0
 
 
+def mean_relative_change(orbit_outputs: np.ndarray, scale: float | None = None) -> float:
+    """Invariance error: mean over inputs and g ≠ e of ‖f(g·x) − f(x)‖, over the RMS of ‖f(x)‖.
+
+    `orbit_outputs` (|G|, N, T), identity first. 0 for an invariant function. Dividing by one scale
+    for the whole input set (not by each ‖f(x)‖) keeps inputs with near-zero outputs, such as
+    noise images, from dominating the average. `scale` replaces the RMS by a fixed value (e.g. the
+    norm of a target), so that functions of different size, such as ensembles of different sizes
+    whose means carry less and less initial noise, are measured in the same units.
+    """
+    out = np.asarray(orbit_outputs, dtype=np.float64)
+    if out.ndim == 2:
+        out = out[..., None]
+    if out.shape[0] < 2 or out.shape[1] == 0:
+        return 0.0
+    diff = np.linalg.norm(out[1:] - out[:1], axis=-1)
+    if scale is None:
+        scale = np.sqrt(np.mean(np.sum(out[0] ** 2, axis=-1)))
+    return float(np.mean(diff) / scale) if scale > 0 else float(np.mean(diff))
+
+
+def relative_distance(outputs: np.ndarray, reference: np.ndarray) -> float:
+    """‖outputs − reference‖ / ‖reference‖ (Frobenius norms over every input and output)."""
+    a, b = np.asarray(outputs, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    norm = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / norm) if norm > 0 else float(np.linalg.norm(a - b))
+
+
 def mae(y: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(y) - np.asarray(predicted))))
 

@@ -5,6 +5,10 @@ For a kernel Θ (the NTK) on training inputs X with targets Y (N, T), learning r
 
     μ_t(x) = Θ(x, X) Θ(X, X)⁻¹ (I − exp(−η Θ(X, X) t)) Y = Θ(x, X) α_t
 
+Gradient descent in discrete steps (how finite networks are trained) replaces the exponential
+by a power: after k steps at learning rate η, exp(−ηΘt) becomes (I − ηΘ)^k (`discrete=True`,
+`time=k`); the two agree only when ηλ_max(Θ) ≪ 1.
+
 t = ∞ is kernel ridge regression, α = (Θ + λ I)⁻¹ Y, with λ = `ridge` × mean(diag Θ) so that
 the regulariser does not depend on the kernel's scale. With the NNGP kernel K the same
 formulas give the Bayesian posterior mean, and its posterior variance
@@ -27,8 +31,11 @@ def _regulariser(k_train: np.ndarray, ridge: float) -> float:
 
 
 def dual_coefficients(k_train: np.ndarray, y: np.ndarray, *, ridge: float = 1e-6, time: float | None = None,
-                      learning_rate: float = 1.0) -> np.ndarray:
-    """α with μ_t(x) = Θ(x, X) α for targets y (N,) or (N, T); `time=None` means t = ∞."""
+                      learning_rate: float = 1.0, discrete: bool = False) -> np.ndarray:
+    """α with μ_t(x) = Θ(x, X) α for targets y (N,) or (N, T); `time=None` means t = ∞.
+
+    `discrete=True`: `time` counts gradient-descent steps k, and α = Θ⁻¹ (I − (I − ηΘ)^k) Y.
+    """
     k = np.asarray(k_train, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] != y.shape[0]:
@@ -47,12 +54,22 @@ def dual_coefficients(k_train: np.ndarray, y: np.ndarray, *, ridge: float = 1e-6
                              "(duplicate training inputs cause this)") from None
     if time < 0:
         raise ValueError(f"time must be >= 0, got {time}")
+    if discrete and time != int(time):
+        raise ValueError(f"discrete gradient descent takes a whole number of steps, got {time}")
     evals, evecs = np.linalg.eigh(k + reg * np.eye(n))
     evals = np.clip(evals, 0.0, None)
     # (1 − e^{−ηλt})/λ, with its limit ηt where λ → 0 (a direction gradient flow has not moved along).
     rate = learning_rate * time
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gain = np.where(evals * rate > 1e-12, -np.expm1(-evals * rate) / evals, rate)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if discrete:
+            step = learning_rate * evals
+            # 1 − (1 − ηλ)^k through log1p for small ηλ (the plain power loses digits there); for
+            # large ηλ the plain power, which oscillates (1 < ηλ < 2) or diverges (ηλ > 2) as GD does.
+            small = step < 0.5
+            filled = np.where(small, -np.expm1(time * np.log1p(-np.where(small, step, 0.0))), 1 - (1 - step) ** time)
+            gain = np.where(step * time > 1e-12, filled / evals, rate)
+        else:
+            gain = np.where(evals * rate > 1e-12, -np.expm1(-evals * rate) / evals, rate)
     return evecs @ (gain[:, None] * (evecs.T @ y.reshape(n, -1))).reshape((n,) + y.shape[1:])
 
 

@@ -79,6 +79,28 @@ def save(path: str | Path, kind: str, meta: dict, arrays: dict[str, np.ndarray])
     return path
 
 
+def kind_of(path: str | Path) -> str:
+    """The kind of an eqkernels file ("histology-model", "ensemble", ...), without reading its arrays.
+
+    Only a quick look to decide how to load a file; `load` still verifies it in full.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError("no such file", path)
+    if path.is_dir():
+        raise ModelFileError("is a folder, not a model file", path)
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise ModelFileError("not an eqkernels file (no eqkernels format marker)", path)
+            return str(f.attrs["kind"])
+    except ModelFileError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise ModelFileError(f"not a readable HDF5 model file ({type(e).__name__}: {str(e).splitlines()[0]})",
+                             path) from None
+
+
 def load(path: str | Path, kind: str | tuple[str, ...] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Read and verify a file; returns (meta, arrays). Raises ModelFileError with a one-line reason."""
     path = Path(path)

@@ -48,3 +48,26 @@ def test_posterior_variance_matches_neural_tangents(rng):
 def test_centred_one_hot_rows_sum_to_zero():
     y = centred_one_hot(np.array([0, 2, 1]), 3)
     assert np.allclose(y.sum(1), 0) and np.argmax(y, 1).tolist() == [0, 2, 1]
+
+
+@pytest.mark.parametrize("steps", [0, 1, 7, 200])
+def test_discrete_gradient_descent_matches_explicit_iteration(steps, rng):
+    """k steps f ← f − η Θ (f − y) on the training set, and the test prediction that goes with them."""
+    k_train, k_test, _, y = make_problem(rng)
+    eta = 1.5 / np.linalg.eigvalsh(k_train)[-1]  # ηλ_max = 1.5: oscillating top mode, still stable
+    f_train, f_test = np.zeros_like(y), np.zeros((k_test.shape[0], y.shape[1]))
+    for _ in range(steps):
+        residual = f_train - y
+        f_train, f_test = f_train - eta * k_train @ residual, f_test - eta * k_test @ residual
+    alpha = dual_coefficients(k_train, y, ridge=0.0, time=steps, learning_rate=eta, discrete=True)
+    assert np.allclose(k_test @ alpha, f_test, rtol=1e-8, atol=1e-10)
+    assert np.allclose(k_train @ alpha, f_train, rtol=1e-8, atol=1e-10)
+    if steps == 7:  # before convergence, at this step size the continuous-time formula is measurably off
+        flow = dual_coefficients(k_train, y, ridge=0.0, time=steps, learning_rate=eta)
+        assert np.max(np.abs(k_test @ flow - f_test)) > 1e-3 * np.max(np.abs(f_test))
+
+
+def test_discrete_time_must_count_whole_steps(rng):
+    k_train, _, _, y = make_problem(rng)
+    with pytest.raises(ValueError, match="whole number"):
+        dual_coefficients(k_train, y, time=2.5, discrete=True)

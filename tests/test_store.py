@@ -57,3 +57,14 @@ def test_failures_are_one_line(tmp_path):
 def test_object_arrays_are_rejected(tmp_path):
     with pytest.raises(TypeError, match="object"):
         store.save(tmp_path / "m.h5", "x", {}, {"a": np.array([{"x": 1}], dtype=object)})
+
+
+def test_kind_of_reads_the_kind_and_fails_in_one_line(tmp_path):
+    store.save(tmp_path / "e.h5", "ensemble", {"k": 1}, {"a": np.ones(2)})
+    assert store.kind_of(tmp_path / "e.h5") == "ensemble"
+    with pytest.raises(ModelFileError, match="no such file"):
+        store.kind_of(tmp_path / "missing.h5")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(ModelFileError, match="not a readable HDF5") as e:
+        store.kind_of(tmp_path / "text.h5")
+    assert "\n" not in str(e.value)

@@ -1,0 +1,497 @@
+"""Deep ensembles of finite-width networks, all members trained together in JAX.
+
+The members share one architecture, the finite twin of an eqkernels kernel (the plain CNN of a
+`ConvNetSpec`, or its GCNN over C4/D4), in the NTK parametrisation, and one training set; they
+differ in their initialisation and, with SGD, in their minibatches. One jit-compiled step, vmapped
+over the member axis, trains every member at once.
+
+Time convention. The loss is ½ Σ_i ‖f(x_i) − y_i‖², summed over the training inputs as in
+`eqkernels.solvers`, so after k full-batch gradient-descent steps at learning rate η the mean of
+an infinitely wide, infinitely large ensemble is
+
+    μ_k(x) = Θ(x, X) Θ⁻¹ (I − (I − ηΘ)^k) Y     (`dual_coefficients(..., time=k, discrete=True)`).
+
+A minibatch of B of the N training inputs is weighted by N/B, an unbiased estimate of the full
+loss, so an SGD step has the size of a gradient-descent step on average.
+
+Augmentation. With `augment="C4"` (or "D4") the training set is every input in all |G| of its
+transformed copies, targets repeated. On targets that are constant over each orbit the kernel
+matrix of that set acts as |G|·Θ_avg, where Θ_avg(x, x′) = 1/|G| Σ_g Θ(x, g·x′) is the averaged
+kernel (`cnn-c4avg`), because the CNN kernel is jointly invariant, Θ(g·x, g·x′) = Θ(x, x′). So
+an augmented ensemble at learning rate η/|G| has the mean prediction of the averaged kernel at
+learning rate η (`kernel_learning_rate`), and this mean is exactly invariant (Gerken & Kessel 2024).
+
+Centred networks. A finite ensemble's mean also carries the members' random initial functions
+f(·; θ₀), which average out only as 1/√members and hide the effect of the width. With
+`centred=True` every member is the centred network f(x; θ) − f(x; θ₀) (θ₀ frozen, kept with the
+parameters): it starts at f ≡ 0, and in the wide (linearised) regime its trajectory is fixed by
+its empirical NTK alone, so the ensemble mean approaches μ_k as the width grows, whatever the
+number of members. It costs one more forward pass per prediction.
+"""
+from __future__ import annotations
+
+import math
+import time as _time
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eqkernels import store
+from eqkernels.errors import ModelFileError
+from eqkernels.groups import get_group
+from eqkernels.kernels.spec import ConvNetSpec
+from eqkernels.progress import Meter
+
+ENSEMBLE_KIND = "ensemble"
+ENSEMBLE_SCHEMA = 1  # bump when the meaning of stored fields changes
+ARCHITECTURES = ("cnn", "gcnn")
+# Memory allowed for the activations of one training step (all members of a chunk together).
+TRAIN_MEMORY_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """What to train: architecture and width (`net.channels`), schedule, augmentation, centring."""
+
+    net: ConvNetSpec = field(default_factory=ConvNetSpec)
+    architecture: str = "cnn"          # "cnn", or "gcnn" (group convolutions over `group`)
+    group: str | None = None           # the GCNN's group (C4, D4); None for the CNN
+    n_outputs: int = 1
+    members: int = 10
+    steps: int = 100
+    learning_rate: float = 0.01
+    batch_size: int | None = None      # None: full-batch gradient descent; else SGD minibatches
+    augment: str | None = None         # a group name: train on every input's full orbit
+    centred: bool = False              # members are f(x; θ) − f(x; θ₀)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.architecture == "gcnn":
+            if self.group is None:
+                raise ValueError("a GCNN ensemble needs its group (C4 or D4)")
+            get_group(self.group)
+        elif self.group is not None:
+            raise ValueError("only GCNN ensembles take a group; use `augment` for augmented CNNs")
+        if self.augment is not None:
+            get_group(self.augment)
+        for name in ("n_outputs", "members"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: e.g. `cnn`, `cnn +C4 aug`, `gcnn C4`, `cnn centred`."""
+        name = self.architecture if self.group is None else f"{self.architecture} {self.group}"
+        if self.augment:
+            name += f" +{self.augment} aug"
+        return name + (" centred" if self.centred else "")
+
+    @property
+    def orbit_size(self) -> int:
+        """How many copies of each training input the network sees (|G| with augmentation, else 1)."""
+        return get_group(self.augment).order if self.augment else 1
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "net": asdict(self.net)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EnsembleSpec":
+        d = dict(d)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ensemble options {sorted(unknown)}")
+        net = dict(d.pop("net", {}))
+        unknown = set(net) - set(ConvNetSpec.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown network options {sorted(unknown)}")
+        return cls(net=ConvNetSpec(**net), **d)
+
+
+def kernel_learning_rate(spec: EnsembleSpec) -> float:
+    """The learning rate η of the kernel mean prediction μ_k that this ensemble follows.
+
+    η = the ensemble's own rate times |G| for augmented training (see the module docstring),
+    used with the averaged kernel; otherwise the rate itself, with the network's own kernel.
+    """
+    return spec.learning_rate * spec.orbit_size
+
+
+# ----------------------------------------------------------------------------------------- networks
+
+def _bias(std: float) -> float | None:
+    # ConvNetSpec's "no bias" is 0.0; nt's None means the same in the kernel and adds no parameters.
+    return None if std == 0 else std
+
+
+def _stax_readout(net: ConvNetSpec, width: int):
+    from neural_tangents import stax
+
+    if net.readout == "linear":
+        return [stax.Dense(width, W_std=net.readout_weight_std, b_std=_bias(net.readout_bias_std))]
+    return [stax.Dense(net.readout_hidden, W_std=net.weight_std, b_std=_bias(net.bias_std)), stax.Relu(),
+            stax.Dense(width, W_std=net.readout_weight_std, b_std=_bias(net.readout_bias_std))]
+
+
+def _plain_cnn_stax(net: ConvNetSpec, readout_width: int = 1):
+    """nt's CNN for `net`, used until `eqkernels.layers.planar.cnn_stax` is available (same layers)."""
+    from neural_tangents import stax
+
+    q = (net.filter_size, net.filter_size)
+    layers = []
+    for _ in range(net.depth):
+        layers += [stax.Conv(net.channels, q, padding=net.padding, W_std=net.weight_std, b_std=_bias(net.bias_std)),
+                   stax.Relu()]
+    return stax.serial(*layers, stax.GlobalAvgPool(), *_stax_readout(net, readout_width))
+
+
+def gcnn_available() -> bool:
+    """Whether this installation has the finite GCNN layers (`eqkernels.layers.planar`)."""
+    try:
+        from eqkernels.layers.planar import gcnn_stax  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _architecture(spec: EnsembleSpec) -> EnsembleSpec:
+    """The fields that fix the network, others at their defaults: one cache entry per architecture."""
+    return EnsembleSpec(net=spec.net, architecture=spec.architecture, group=spec.group, n_outputs=spec.n_outputs)
+
+
+def network(spec: EnsembleSpec):
+    """(init_fn, apply_fn) of one member (nt stax conventions: inputs (N, H, W, C) → (N, n_outputs))."""
+    return _network(_architecture(spec))
+
+
+@lru_cache(maxsize=None)
+def _network(spec: EnsembleSpec):
+    if spec.architecture == "cnn":
+        try:
+            from eqkernels.layers.planar import cnn_stax
+        except ImportError:
+            cnn_stax = _plain_cnn_stax
+        init_fn, apply_fn, _ = cnn_stax(spec.net, readout_width=spec.n_outputs)
+    else:
+        try:
+            from eqkernels.layers.planar import gcnn_stax
+        except ImportError:
+            raise ValueError("GCNN ensembles need the group-convolution layers (eqkernels.layers.planar), "
+                             "which this installation lacks") from None
+        init_fn, apply_fn, _ = gcnn_stax(spec.net, spec.group, readout_width=spec.n_outputs)
+    return init_fn, apply_fn
+
+
+def _activation_floats(spec: EnsembleSpec, input_shape: tuple[int, ...]) -> int:
+    """Floats of hidden activations per input (for chunk sizes)."""
+    net = spec.net
+    size = input_shape[0]
+    copies = get_group(spec.group).order if spec.group else 1
+    total = 0
+    for layer in range(1, net.depth + 1):
+        side = size - layer * (net.filter_size - 1) if net.padding == "VALID" else size
+        total += max(side, 1) ** 2 * net.channels * copies
+    return total + input_shape[0] * input_shape[1] * input_shape[-1]
+
+
+def _member_outputs_fn(spec: EnsembleSpec):
+    """jit: (params (M,…), initial params or None, x (N, …)) → (M, N, n_outputs)."""
+    return _outputs_fn(_architecture(spec))
+
+
+@lru_cache(maxsize=None)
+def _outputs_fn(spec: EnsembleSpec):
+    _, apply_fn = network(spec)
+
+    def outputs(params, initial, x):
+        out = jax.vmap(apply_fn, in_axes=(0, None))(params, x)
+        if initial is not None:
+            out = out - jax.vmap(apply_fn, in_axes=(0, None))(initial, x)
+        return out
+
+    return jax.jit(outputs)
+
+
+# ----------------------------------------------------------------------------------------- ensembles
+
+@dataclass
+class Ensemble:
+    """Trained members: parameter pytree with a leading member axis on every leaf."""
+
+    spec: EnsembleSpec
+    input_shape: tuple[int, ...]          # one input, e.g. (H, W, C)
+    params: Any
+    initial_params: Any = None            # θ₀ of centred members (same layout), else None
+    loss_history: np.ndarray | None = None  # (steps, M): training loss before each step
+    seconds: float = 0.0
+    timing: dict = field(default_factory=dict)  # member_chunk, first_step_s (with compilation), step_s
+
+    @property
+    def members(self) -> int:
+        return int(jax.tree_util.tree_leaves(self.params)[0].shape[0])
+
+    def select(self, members) -> "Ensemble":
+        """The sub-ensemble of the given member indices."""
+        idx = np.asarray(members, dtype=int)
+        pick = lambda tree: None if tree is None else jax.tree_util.tree_map(lambda a: a[idx], tree)  # noqa: E731
+        history = None if self.loss_history is None else self.loss_history[:, idx]
+        return replace(self, spec=replace(self.spec, members=len(idx)), params=pick(self.params),
+                       initial_params=pick(self.initial_params), loss_history=history)
+
+    def outputs(self, inputs, *, chunk: int | None = None) -> np.ndarray:
+        """Every member's outputs (M, N, n_outputs) for inputs (N, H, W, C), in float64."""
+        x = np.asarray(inputs, dtype=np.float32)
+        if x.shape[1:] != tuple(self.input_shape):
+            raise ValueError(f"inputs of shape {x.shape[1:]} do not fit this ensemble's {tuple(self.input_shape)}")
+        if chunk is None:
+            per_input = 4 * 3 * self.members * _activation_floats(self.spec, self.input_shape)
+            chunk = int(max(8, min(512, TRAIN_MEMORY_BYTES // max(per_input, 1))))
+        fn = _member_outputs_fn(self.spec)
+        out = []
+        for start in range(0, len(x), chunk):
+            part = x[start:start + chunk]
+            pad = chunk - len(part) if len(x) > chunk else 0  # one compiled shape for every chunk
+            if pad:
+                part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
+            res = np.asarray(fn(self.params, self.initial_params, part), dtype=np.float64)
+            out.append(res[:, :len(res[0]) - pad] if pad else res)
+        if not out:
+            return np.zeros((self.members, 0, self.spec.n_outputs))
+        return np.concatenate(out, axis=1)
+
+    def mean(self, inputs, **kwargs) -> np.ndarray:
+        """Ensemble mean prediction (N, n_outputs)."""
+        return self.outputs(inputs, **kwargs).mean(axis=0)
+
+    # ----------------------------------------------------------------------------------- files
+    def to_arrays(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(meta, arrays): every parameter leaf flattened under its tree path, nothing executable."""
+        meta = {"schema": ENSEMBLE_SCHEMA, "spec": self.spec.to_dict(), "input_shape": list(self.input_shape),
+                "members": self.members, "seconds": self.seconds, "parameters": []}
+        arrays = {}
+        trees = [("param", self.params)] + ([("initial", self.initial_params)] if self.initial_params is not None else [])
+        for prefix, tree in trees:
+            for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
+                name = f"{prefix}_{i:03d}"
+                arrays[name] = np.asarray(leaf)
+                meta["parameters"].append({"name": name, "tree": prefix, "path": jax.tree_util.keystr(path),
+                                           "shape": list(np.shape(leaf))})
+        if self.loss_history is not None:
+            arrays["loss_history"] = np.asarray(self.loss_history, dtype=np.float32)
+        return meta, arrays
+
+    def save(self, path: str | Path, meta: dict | None = None, arrays: dict[str, np.ndarray] | None = None) -> Path:
+        """Write an HDF5 ensemble file; `meta`/`arrays` add task-specific fields (e.g. preprocessing)."""
+        own_meta, own_arrays = self.to_arrays()
+        clash = set(own_meta) & set(meta or {}) | set(own_arrays) & set(arrays or {})
+        if clash:
+            raise ValueError(f"extra fields {sorted(clash)} clash with the ensemble's own")
+        return store.save(path, ENSEMBLE_KIND, {**own_meta, **(meta or {})}, {**own_arrays, **(arrays or {})})
+
+    @classmethod
+    def from_arrays(cls, meta: dict, arrays: dict[str, np.ndarray], path: str | Path = "") -> "Ensemble":
+        """Rebuild from `to_arrays` output, checking every stored leaf against the architecture."""
+        if int(meta.get("schema", 0)) > ENSEMBLE_SCHEMA:
+            raise ModelFileError(f"ensemble schema {meta.get('schema')} is newer than this eqkernels understands "
+                                 f"({ENSEMBLE_SCHEMA}); upgrade eqkernels", path)
+        try:
+            spec = EnsembleSpec.from_dict(meta["spec"])
+            input_shape = tuple(int(v) for v in meta["input_shape"])
+            entries = list(meta["parameters"])
+            init_fn, _ = network(spec)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFileError(f"ensemble file lacks or garbles a field ({type(e).__name__}: {e})", path) from None
+        template = jax.eval_shape(lambda k: init_fn(k, (1,) + input_shape)[1], jax.random.PRNGKey(0))
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+        trees = {}
+        for prefix in ("param", "initial"):
+            mine = [e for e in entries if e.get("tree") == prefix]
+            if not mine:
+                continue
+            if len(mine) != len(leaves):
+                raise ModelFileError(f"ensemble file has {len(mine)} {prefix} arrays, the architecture needs "
+                                     f"{len(leaves)}", path)
+            values = []
+            for entry, (tree_path, leaf) in zip(mine, leaves):
+                value = arrays.get(entry["name"])
+                if entry["path"] != jax.tree_util.keystr(tree_path) or value is None \
+                        or tuple(value.shape[1:]) != tuple(leaf.shape):
+                    raise ModelFileError(f"parameter {entry['name']} ({entry['path']}) does not fit the "
+                                         f"architecture (expected {jax.tree_util.keystr(tree_path)} {leaf.shape})",
+                                         path)
+                values.append(jnp.asarray(value))
+            trees[prefix] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), values)
+        if "param" not in trees:
+            raise ModelFileError("ensemble file holds no parameters", path)
+        if spec.centred != ("initial" in trees):
+            raise ModelFileError("centred ensemble without its initial parameters (or the reverse)", path)
+        sizes = {a.shape[0] for a in jax.tree_util.tree_leaves(trees)}
+        if len(sizes) != 1:
+            raise ModelFileError(f"parameter arrays disagree on the number of members ({sorted(sizes)})", path)
+        history = arrays.get("loss_history")
+        return cls(spec, input_shape, trees["param"], trees.get("initial"), history, float(meta.get("seconds", 0.0)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["Ensemble", dict, dict[str, np.ndarray]]:
+        """(ensemble, meta, arrays) from an ensemble file; meta and arrays include the task's fields."""
+        meta, arrays = store.load(path, ENSEMBLE_KIND)
+        return cls.from_arrays(meta, arrays, path), meta, arrays
+
+
+def augmented(inputs: np.ndarray, targets: np.ndarray, group: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every input in all |G| transformed copies (element-major), targets repeated: (|G|·N, …)."""
+    g = get_group(group)
+    x = g.orbit(np.asarray(inputs))
+    return x.reshape((-1,) + x.shape[2:]), np.tile(np.asarray(targets), (g.order,) + (1,) * (np.ndim(targets) - 1))
+
+
+def _make_step(spec: EnsembleSpec, n_train: int, shared_targets: bool):
+    """(optimizer, one jit-compiled training step for a chunk of members, vmapped over members)."""
+    # Cached without the fields the step does not depend on, so ensembles that differ only in
+    # members, steps or seed (and a timing run before the real one) share the compiled step.
+    return _step_fn(replace(spec, members=1, steps=0, seed=0), n_train, shared_targets)
+
+
+@lru_cache(maxsize=None)
+def _step_fn(spec: EnsembleSpec, n_train: int, shared_targets: bool):
+    import optax
+
+    _, apply_fn = network(spec)
+    optimizer = optax.sgd(spec.learning_rate)
+    batch = spec.batch_size
+    weight = 1.0 if batch is None else n_train / batch  # unbiased estimate of the summed loss
+
+    def member_loss(p, x, y):
+        return 0.5 * weight * jnp.sum((apply_fn(p, x) - y) ** 2)
+
+    def member_step(p, opt_state, member_key, k, x_all, y_all):
+        key = jax.random.fold_in(member_key, k)
+        if batch is None:
+            x, y = x_all, y_all
+        else:
+            idx = jax.random.choice(key, n_train, (batch,), replace=False)
+            x, y = x_all[idx], y_all[idx]
+        loss, grads = jax.value_and_grad(member_loss)(p, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    step = jax.vmap(member_step, in_axes=(0, 0, 0, None, None, None if shared_targets else 0))
+    return optimizer, jax.jit(step)
+
+
+def default_member_chunk(spec: EnsembleSpec, input_shape: tuple[int, ...], n_train: int) -> int:
+    """Members per compiled step so that one step's activations stay within TRAIN_MEMORY_BYTES."""
+    per_member = 4 * 4 * (spec.batch_size or n_train) * _activation_floats(spec, input_shape)
+    return int(max(1, min(spec.members, TRAIN_MEMORY_BYTES // max(per_member, 1))))
+
+
+def train(spec: EnsembleSpec, inputs: np.ndarray, targets: np.ndarray, *, member_chunk: int | None = None,
+          progress: bool | None = True, description: str | None = None) -> Ensemble:
+    """Train `spec.members` networks on inputs (N, H, W, C) and targets (N, n_outputs).
+
+    Member m is initialised from fold_in(PRNGKey(seed), m), so it does not depend on how members
+    are chunked. Members are trained `member_chunk` at a time (default: as many as fit in memory).
+    """
+    x = np.asarray(inputs, dtype=np.float32)
+    y = np.asarray(targets, dtype=np.float32)
+    if x.ndim != 4 or x.shape[1] != x.shape[2]:
+        raise ValueError(f"inputs must be square images (N, S, S, C), got {x.shape}")
+    if y.shape != (len(x), spec.n_outputs):
+        raise ValueError(f"targets must have shape ({len(x)}, {spec.n_outputs}), got {y.shape}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("inputs or targets have NaN or infinite values")
+    spec.net.check_input_size(x.shape[1])
+    if spec.augment:
+        x, y = augmented(x, y, spec.augment)
+    n_train, input_shape = len(x), tuple(x.shape[1:])
+    if spec.batch_size is not None and spec.batch_size > n_train:
+        raise ValueError(f"batch_size {spec.batch_size} exceeds the {n_train} training inputs")
+    init_fn, _ = network(spec)
+    chunk = member_chunk or default_member_chunk(spec, input_shape, n_train)
+    root = jax.random.PRNGKey(spec.seed)
+    init_keys = jax.vmap(lambda m: jax.random.fold_in(root, m))(jnp.arange(spec.members))
+    data_root = jax.random.fold_in(root, 1 << 30)
+    optimizer, step = _make_step(spec, n_train, shared_targets=not spec.centred)
+    init_members = jax.jit(jax.vmap(lambda k: init_fn(k, (1,) + input_shape)[1]))
+    x_dev = jnp.asarray(x)
+
+    started = _time.perf_counter()
+    params_parts, initial_parts, histories = [], [], []
+    timing = {"member_chunk": chunk, "first_step_s": None, "step_s": None}
+    later_steps, later_seconds = 0, 0.0
+    with Meter(spec.members * spec.steps, description or f"training {spec.label} ensemble", unit="member-steps",
+               enabled=progress) as meter:
+        for first in range(0, spec.members, chunk):
+            ids = np.arange(first, min(first + chunk, spec.members))
+            pad = chunk - len(ids)  # pad the last chunk with repeats: one compiled shape for all chunks
+            ids_padded = np.concatenate([ids, np.full(pad, ids[-1])])
+            params = init_members(init_keys[ids_padded])
+            opt_state = jax.vmap(optimizer.init)(params)
+            if spec.centred:
+                initial = params
+                # f(x; θ) − f(x; θ₀) → y  ⇔  f(x; θ) → y + f(x; θ₀): shift each member's targets once.
+                y_dev = jnp.asarray(y)[None] + _member_outputs_fn(spec)(params, None, x_dev)
+            else:
+                initial, y_dev = None, jnp.asarray(y)
+            member_keys = jax.vmap(lambda m: jax.random.fold_in(data_root, m))(jnp.asarray(ids_padded))
+            losses = []
+            jax.block_until_ready(params)
+            tick = _time.perf_counter()
+            for k in range(spec.steps):
+                params, opt_state, loss = step(params, opt_state, member_keys, jnp.int32(k), x_dev, y_dev)
+                losses.append(loss)
+                if k == 0 and first == 0:  # the first step compiles; time the others on their own
+                    jax.block_until_ready(loss)
+                    timing["first_step_s"] = _time.perf_counter() - tick
+                    tick = _time.perf_counter()
+                if k % 10 == 9 or k == spec.steps - 1:
+                    jax.block_until_ready(loss)
+                    meter.advance(len(ids) * (10 if k % 10 == 9 else k % 10 + 1))
+            jax.block_until_ready(params)
+            timed = spec.steps - (1 if first == 0 else 0)
+            if timed > 0:
+                later_steps, later_seconds = later_steps + timed, later_seconds + _time.perf_counter() - tick
+            keep = slice(0, len(ids))
+            params_parts.append(jax.tree_util.tree_map(lambda a: a[keep], params))
+            if initial is not None:
+                initial_parts.append(jax.tree_util.tree_map(lambda a: a[keep], initial))
+            histories.append(np.asarray(jnp.stack(losses))[:, keep] if losses else np.zeros((0, len(ids))))
+    join = lambda parts: jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)  # noqa: E731
+    if later_steps:
+        timing["step_s"] = later_seconds / later_steps  # one compiled step of `member_chunk` members
+    return Ensemble(spec, input_shape, join(params_parts), join(initial_parts) if initial_parts else None,
+                    np.concatenate(histories, axis=1), _time.perf_counter() - started, timing)
+
+
+def size_curve(member_outputs: np.ndarray, sizes, measure, *, max_subsets: int = 10) -> dict:
+    """A measure of the ensemble mean for several ensemble sizes, from one pool of members.
+
+    `member_outputs` (M, …): each member's outputs; `measure(mean_outputs) → float`. For each size
+    m ≤ M the pool is cut into ⌊M/m⌋ disjoint ensembles (at most `max_subsets`), and the measure's
+    mean and standard deviation over them are returned: {"sizes", "mean", "std", "subsets"}.
+    """
+    out = np.asarray(member_outputs)
+    result = {"sizes": [], "mean": [], "std": [], "subsets": []}
+    for m in sorted(set(int(s) for s in sizes)):
+        if m < 1 or m > len(out):
+            continue
+        n_sub = min(len(out) // m, max_subsets)
+        values = [measure(out[i * m:(i + 1) * m].mean(axis=0)) for i in range(n_sub)]
+        result["sizes"].append(m)
+        result["mean"].append(float(np.mean(values)))
+        result["std"].append(float(np.std(values)))
+        result["subsets"].append(n_sub)
+    return result
