@@ -5,6 +5,7 @@ status 2; an interrupted run exits 130. Outputs are written atomically.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -53,16 +54,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as e:  # typer.Exit inside commands
         return int(e.code or 0)
-    except Exception as e:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        # Usage errors (unknown option, bad value) arrive here with standalone_mode=False. typer ≥ 0.16
+        # vendors click, so they are recognised by click's exception protocol rather than by class.
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show(file=sys.stderr)
             return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, typer.Abort):
             print("eqk: aborted", file=sys.stderr)
             return 130
-        raise
+        if os.environ.get("EQK_DEBUG"):
+            raise
+        print(f"eqk: internal error: {type(e).__name__}: {e} (EQK_DEBUG=1 shows the traceback; finished kernel "
+              "blocks are kept in the checkpoint folder)", file=sys.stderr)
+        return 1
     return 0
 
 

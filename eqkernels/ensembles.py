@@ -132,41 +132,6 @@ def kernel_learning_rate(spec: EnsembleSpec) -> float:
 
 # ----------------------------------------------------------------------------------------- networks
 
-def _bias(std: float) -> float | None:
-    # ConvNetSpec's "no bias" is 0.0; nt's None means the same in the kernel and adds no parameters.
-    return None if std == 0 else std
-
-
-def _stax_readout(net: ConvNetSpec, width: int):
-    from neural_tangents import stax
-
-    if net.readout == "linear":
-        return [stax.Dense(width, W_std=net.readout_weight_std, b_std=_bias(net.readout_bias_std))]
-    return [stax.Dense(net.readout_hidden, W_std=net.weight_std, b_std=_bias(net.bias_std)), stax.Relu(),
-            stax.Dense(width, W_std=net.readout_weight_std, b_std=_bias(net.readout_bias_std))]
-
-
-def _plain_cnn_stax(net: ConvNetSpec, readout_width: int = 1):
-    """nt's CNN for `net`, used until `eqkernels.layers.planar.cnn_stax` is available (same layers)."""
-    from neural_tangents import stax
-
-    q = (net.filter_size, net.filter_size)
-    layers = []
-    for _ in range(net.depth):
-        layers += [stax.Conv(net.channels, q, padding=net.padding, W_std=net.weight_std, b_std=_bias(net.bias_std)),
-                   stax.Relu()]
-    return stax.serial(*layers, stax.GlobalAvgPool(), *_stax_readout(net, readout_width))
-
-
-def gcnn_available() -> bool:
-    """Whether this installation has the finite GCNN layers (`eqkernels.layers.planar`)."""
-    try:
-        from eqkernels.layers.planar import gcnn_stax  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _architecture(spec: EnsembleSpec) -> EnsembleSpec:
     """The fields that fix the network, others at their defaults: one cache entry per architecture."""
     return EnsembleSpec(net=spec.net, architecture=spec.architecture, group=spec.group, n_outputs=spec.n_outputs)
@@ -179,18 +144,11 @@ def network(spec: EnsembleSpec):
 
 @lru_cache(maxsize=None)
 def _network(spec: EnsembleSpec):
+    from eqkernels.layers.planar import cnn_stax, gcnn_stax
+
     if spec.architecture == "cnn":
-        try:
-            from eqkernels.layers.planar import cnn_stax
-        except ImportError:
-            cnn_stax = _plain_cnn_stax
         init_fn, apply_fn, _ = cnn_stax(spec.net, readout_width=spec.n_outputs)
     else:
-        try:
-            from eqkernels.layers.planar import gcnn_stax
-        except ImportError:
-            raise ValueError("GCNN ensembles need the group-convolution layers (eqkernels.layers.planar), "
-                             "which this installation lacks") from None
         init_fn, apply_fn, _ = gcnn_stax(spec.net, spec.group, readout_width=spec.n_outputs)
     return init_fn, apply_fn
 

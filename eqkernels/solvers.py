@@ -78,12 +78,27 @@ class GaussianPosterior:
     """Cholesky factor of K(X,X) + λI for posterior variances of the NNGP."""
 
     cholesky: np.ndarray  # lower triangular (N, N)
+    ridge: float = 0.0    # the relative ridge that made K + λI numerically positive definite
 
     @classmethod
-    def fit(cls, k_train: np.ndarray, ridge: float = 1e-6) -> "GaussianPosterior":
+    def fit(cls, k_train: np.ndarray, ridge: float = 1e-6, *, max_ridge: float = 1e-2) -> "GaussianPosterior":
+        """Factor K + λI, raising the ridge tenfold until the factorisation succeeds.
+
+        Duplicate or near-duplicate training inputs make K singular, and a float32 kernel's rounding
+        (~1e-7 per entry, up to ~N·1e-7 in its eigenvalues) then leaves tiny negative eigenvalues that
+        a small ridge does not cover; the variances only grow slightly with a larger ridge.
+        """
         k = 0.5 * (np.asarray(k_train, np.float64) + np.asarray(k_train, np.float64).T)
-        reg = _regulariser(k, ridge)
-        return cls(np.linalg.cholesky(k + reg * np.eye(len(k))))
+        eye = np.eye(len(k))
+        current = ridge
+        while True:
+            try:
+                return cls(np.linalg.cholesky(k + _regulariser(k, current) * eye), current)
+            except np.linalg.LinAlgError:
+                if current * 10 > max_ridge * (1 + 1e-9):
+                    raise InputError(f"the NNGP kernel of the training inputs is not positive definite even with "
+                                     f"a relative ridge of {current:g}") from None
+                current = float(f"{max(current, 1e-12) * 10:.6g}")  # 1e-05, not 9.999999999999999e-06
 
     def variance(self, k_test_diag: np.ndarray, k_test_train: np.ndarray) -> np.ndarray:
         """Posterior variance at test points: (M,) from K(x,x) (M,) and K(x, X) (M, N)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from eqkernels import metrics
-from eqkernels.ensembles import EnsembleSpec, gcnn_available, size_curve, train
+from eqkernels.ensembles import EnsembleSpec, size_curve, train
 from eqkernels.errors import InputError
 from eqkernels.groups import get_group
 from eqkernels.kernels import ConvNetSpec, KernelSpec
@@ -261,8 +261,6 @@ def pool_specs(config: CompareConfig, n_classes: int, eta: float) -> dict[str, E
         "gcnn": EnsembleSpec(net=ConvNetSpec(channels=config.gcnn_width), architecture="gcnn", group=config.group,
                              members=config.seeds * config.gcnn_members, learning_rate=eta, seed=3, **common),
     }
-    if not gcnn_available():
-        del pools["gcnn"]
     return pools
 
 
@@ -576,9 +574,7 @@ def markdown(summary: dict) -> str:
               f"`{kernels[2]}` the infinite GCNN (equal to `{kernels[1]}` for a linear readout)",
               f"- **ensembles**: {c['seeds']} independent ensembles per model (\"seeds\"; mean ± std over them) of "
               + " / ".join(f"{row['members']} {summary['pools'][key.split(' ', 1)[1]]['label']}"
-                           for key, row in summary["rows"].items() if row["kind"] == "ensemble") + " members"
-              + ("" if "gcnn" in summary["pools"] else "; **no GCNN ensemble**: this installation lacks the "
-                 "group-convolution layers (eqkernels.layers.planar)"),
+                           for key, row in summary["rows"].items() if row["kind"] == "ensemble") + " members",
               f"- transformed-tile kernels come from the identity K(a·x, y) = K(x, a⁻¹·y); recomputed from "
               f"pixels for 2 tiles: max relative deviation {summary['identity_check']:.1e}", ""]
     lines += ["## Summary", ""] + summary_lines(summary) + [""]

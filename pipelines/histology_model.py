@@ -120,8 +120,10 @@ def fit_from_kernels(spec: KernelSpec, preprocessing: Preprocessing, train: Tile
     """Solve for the dual coefficients from train×train kernels {'nngp','ntk'} (N, N)."""
     y = centred_one_hot(train.labels, len(train.class_names))
     alpha = dual_coefficients(kernels["ntk"], y, ridge=ridge, time=time, learning_rate=learning_rate)
-    chol = GaussianPosterior.fit(kernels["nngp"], ridge=ridge).cholesky
-    opts = dict(options, ridge=ridge, time=None if time is None else float(time), learning_rate=learning_rate)
+    posterior = GaussianPosterior.fit(kernels["nngp"], ridge=ridge)
+    chol = posterior.cholesky
+    opts = dict(options, ridge=ridge, time=None if time is None else float(time), learning_rate=learning_rate,
+                posterior_ridge=posterior.ridge)
     return HistologyModel(spec, preprocessing, list(train.class_names), train_inputs.astype(np.float32),
                           np.asarray(train.labels), train.fingerprints(), alpha, chol, opts)
 

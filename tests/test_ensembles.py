@@ -10,16 +10,12 @@ import pytest
 
 from eqkernels import metrics
 from eqkernels.datasets import NCT_CRC_SAMPLE
-from eqkernels.ensembles import Ensemble, EnsembleSpec, gcnn_available, kernel_learning_rate, size_curve, train
+from eqkernels.ensembles import Ensemble, EnsembleSpec, kernel_learning_rate, size_curve, train
 from eqkernels.errors import ModelFileError
 from eqkernels.groups import get_group
 from eqkernels.kernels import ConvNetSpec, ImageKernel
 from eqkernels.pipelines.histology import Preprocessing, stratified_split
 from eqkernels.solvers import centred_one_hot, dual_coefficients
-
-needs_gcnn = pytest.mark.skipif(not gcnn_available(), reason="group-convolution layers (eqkernels.layers.planar) "
-                                                              "are not installed")
-
 
 def stripes(n: int, size: int, rng) -> tuple[np.ndarray, np.ndarray]:
     """Noisy horizontal stripes of random phase and colour; the class is the frequency (1 or 2 periods).
@@ -150,7 +146,6 @@ def test_augmented_ensemble_mean_becomes_invariant_and_plain_one_does_not(stripe
     assert errors[None][16] > 3 * errors["C4"][16]
 
 
-@needs_gcnn
 @pytest.mark.parametrize("group", ["C4", "D4"])
 def test_finite_gcnn_ensemble_is_exactly_invariant(group, stripe_task, small_tiles):
     x, y, x_test, _, eta = stripe_task
@@ -301,9 +296,8 @@ def test_compare_runs_end_to_end_on_a_tiny_configuration(cli, tmp_path):
         assert values["invariance_error_kather2016"] < 1e-6
     assert rows["ensemble cnn"]["members"] == 2 and len(rows["ensemble cnn"]["seeds"]) == 2
     assert len(rows["ensemble cnn-aug"]["values"]["accuracy"]) == 2  # [mean, std]
-    if gcnn_available():
-        assert rows["ensemble gcnn"]["values"]["orbit_same_kather2016"] == [4.0, 0.0]
-        assert rows["ensemble gcnn"]["values"]["invariance_error_test"][0] < 1e-5
+    assert rows["ensemble gcnn"]["values"]["orbit_same_kather2016"] == [4.0, 0.0]
+    assert rows["ensemble gcnn"]["values"]["invariance_error_test"][0] < 1e-5
     assert report["curves"]["cnn-aug"]["invariance_error_test"]["sizes"] == [1, 2, 4]
     assert report["width_study"]["widths"] == [4, 8] and report["identity_check"] < 1e-4
     text = (out / "report.md").read_text()

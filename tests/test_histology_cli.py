@@ -142,3 +142,21 @@ def test_failed_training_leaves_no_model(cli, tmp_path):
     assert_one_line_error(cli("histology", "train", "--n-train", "5000", "--out", out), "--n-train")
     assert_one_line_error(cli("histology", "train", "--size", "4", "--out", out), "too small")
     assert not out.exists()
+
+
+def test_usage_errors_and_internal_errors_are_short(cli, monkeypatch):
+    """An unknown option is a usage message, exit 2; an unexpected failure is one line, exit 1; no traceback."""
+    bad = cli("histology", "train", "--no-such-option")
+    assert bad.code == 2 and "No such option" in bad.err and "Traceback" not in bad.err
+
+    import eqkernels.pipelines.histology as histology_pipeline
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("simulated failure")
+
+    monkeypatch.setattr(histology_pipeline, "load_tiles", broken)
+    monkeypatch.delenv("EQK_DEBUG", raising=False)
+    res = cli("histology", "train", "--out", "unused.h5")
+    assert res.code == 1
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1 and "ZeroDivisionError: simulated failure" in lines[0] and "Traceback" not in res.err

@@ -71,3 +71,18 @@ def test_discrete_time_must_count_whole_steps(rng):
     k_train, _, _, y = make_problem(rng)
     with pytest.raises(ValueError, match="whole number"):
         dual_coefficients(k_train, y, time=2.5, discrete=True)
+
+
+def test_posterior_survives_duplicate_inputs_in_a_float32_kernel(rng):
+    """Duplicated training tiles make K singular; float32 rounding then breaks a 1e-6 ridge Cholesky."""
+    x = rng.standard_normal((200, 3))
+    x = np.concatenate([x, x])  # every input twice
+    k = (x @ x.T + 1.0).astype(np.float32)  # rank 4: the ridge alone keeps it positive definite
+    k = k + (rng.standard_normal(k.shape) * 1e-6 * np.abs(k)).astype(np.float32)  # float32-sized asymmetric noise
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(0.5 * (k + k.T).astype(np.float64) + 1e-6 * np.mean(np.diag(k)) * np.eye(len(k)))
+    post = GaussianPosterior.fit(k, ridge=1e-6)
+    assert 1e-6 < post.ridge <= 1e-2
+    assert np.all(np.isfinite(post.cholesky))
+    # The variance at a training input stays small next to its prior variance.
+    assert post.variance(np.diag(k)[:1].astype(np.float64), k[:1])[0] < 0.05 * k[0, 0]
