@@ -25,13 +25,22 @@ def _int_list(value: str, option: str) -> tuple[int, ...]:
     return items
 
 
+# Options that only the histology comparison has; refused with --task molecules when given.
+HISTOLOGY_ONLY = ("size", "group", "gcnn_width", "gcnn_members", "batch_size")
+# Options that only the molecule comparison has; refused with --task histology when given.
+MOLECULES_ONLY = ("rotations",)
+
+
 def compare(
-    task: str = typer.Option("histology", help="What to compare on: histology (molecules once that pipeline is "
-                                               "installed)."),
+    ctx: typer.Context,
+    task: str = typer.Option("histology", help="What to compare on: histology (tiles, C4/D4) or molecules (QM9 "
+                                               "U0, SO(3); its own defaults for the options not given)."),
     data: Optional[Path] = typer.Option(None, help="Labelled tiles: folder of class folders, MedMNIST .npz or hmnist "
-                                                   ".csv [default: bundled PathMNIST sample]."),
+                                                   ".csv [default: bundled PathMNIST sample]; molecules: any file "
+                                                   "`eqk molecules` reads [default: bundled QM9 sample]."),
     ood: Optional[Path] = typer.Option(None, help="Out-of-distribution tiles [default: bundled Kather-2016 8×8 tiles]; "
-                                                  "Gaussian noise images are always added."),
+                                                  "Gaussian noise images are always added. Molecules: OOD molecules "
+                                                  "[default: the --n-ood largest molecules of --data, held out]."),
     out: Path = typer.Option(Path("eqk-compare"), "--out", "-o", help="Report folder (Markdown, JSON, PNG, ensemble "
                                                                       "files)."),
     budget: float = typer.Option(900.0, help="Seconds for the run: the member counts (then the widest widths) are "
@@ -51,8 +60,10 @@ def compare(
     seeds: int = typer.Option(5, help="Independent ensembles per model (mean ± std over them)."),
     curve_sizes: str = typer.Option("1,2,5,10,20,50,100", "--curve-sizes", help="Ensemble sizes for the curves "
                                                                                 "(members of all seeds pooled)."),
-    centred: bool = typer.Option(False, "--centred", help="Train the compared ensembles as centred networks "
-                                                          "f(x;θ) − f(x;θ₀) (the width study always is)."),
+    centred: bool = typer.Option(False, "--centred/--uncentred", help="Train the compared ensembles as centred "
+                                                                      "networks f(x;θ) − f(x;θ₀) (the width study "
+                                                                      "always is) [molecules default: centred]."),
+    rotations: int = typer.Option(3, help="Molecules: random rotations per molecule for the invariance error."),
     widths: str = typer.Option("16,32,64,128", help="Widths of the centred width study."),
     width_members: int = typer.Option(4, "--width-members", help="Members per width in the width study."),
     width_n_train: int = typer.Option(40, "--width-n-train", help="Training tiles of the width study."),
@@ -63,9 +74,14 @@ def compare(
     error and the distance to the kernel mean prediction; writes report.md, report.json and plots."""
     if task not in TASKS:
         raise InputError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    # By name: typer may vendor click, so its ParameterSource enum is not importable from one place.
+    given = {name for name in ctx.params
+             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+    wrong = sorted(given & set(HISTOLOGY_ONLY if task == "molecules" else MOLECULES_ONLY))
+    if wrong:
+        raise InputError(f"--{wrong[0].replace('_', '-')} does not apply to --task {task}")
     if task == "molecules":
-        raise InputError("--task molecules needs the molecules pipeline (per-atom networks), which this "
-                         "installation lacks; use --task histology")
+        return _compare_molecules(ctx.params, given, out, budget)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     from eqkernels.pipelines import histology_compare as hc
@@ -87,6 +103,33 @@ def compare(
         hc.write_report(summary, tmp)
     rows = summary["headline"]
     table = Table(title=f"Emergent equivariance, {summary['group']} (mean ± std over {config.seeds} ensembles)")
+    for i, col in enumerate(rows[0]):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows[1:]:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"finished in {time.perf_counter() - started:.0f} s → {out}/report.md")
+
+
+def _compare_molecules(params: dict, given: set, out: Path, budget: float):
+    """`eqk compare --task molecules`: the options given on the command line over the molecule defaults."""
+    from eqkernels.pipelines import molecules_compare as mc
+
+    fields = set(mc.MoleculeCompareConfig.__dataclass_fields__) - {"member_chunk"}
+    options = {}
+    for name in sorted(given & fields):
+        value = params[name]
+        options[name] = _int_list(value, f"--{name.replace('_', '-')}") if name in ("widths", "curve_sizes") else value
+    config = mc.MoleculeCompareConfig(**options)
+    started = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        summary = mc.run(config, data=params["data"], ood=params["ood"], budget=budget if budget > 0 else None,
+                         progress=None,
+                         log=lambda m: console.print(f"[dim]{time.perf_counter() - started:6.0f} s[/]  {m}"))
+        mc.write_report(summary, tmp)
+    rows = summary["headline"]
+    seeds = summary["config"]["seeds"]
+    table = Table(title=f"Emergent invariance on molecules, SO(3) (mean ± std over {seeds} ensembles)")
     for i, col in enumerate(rows[0]):
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows[1:]:

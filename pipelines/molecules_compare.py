@@ -53,14 +53,14 @@ class MoleculeCompareConfig:
     width: int = 64                # hidden units of the per-atom MLP
     steps: int = 150               # full-batch gradient-descent steps
     lr_scale: float = 1.0          # η = lr_scale / λ_max(Θ_mlp(X, X))
-    members: int = 10              # members of one ensemble
+    members: int = 8               # members of one ensemble
     seeds: int = 3                 # independent ensembles per model
-    curve_sizes: tuple = (1, 2, 5, 10, 20, 30)
+    curve_sizes: tuple = (1, 2, 4, 8, 16, 24)
     rotations: int = 3             # random rotations per molecule for the invariance error
     centred: bool = True           # compared ensembles are centred networks F(x;θ) − F(x;θ₀) (see `run`)
-    widths: tuple = (32, 128, 512)  # width study (centred MLPs, no augmentation)
-    width_members: int = 4
-    width_n_train: int = 40
+    widths: tuple = (32, 64, 128, 256)  # width study (centred MLPs, no augmentation)
+    width_members: int = 2
+    width_n_train: int = 20
     quadrature_degree: int = 5     # SO(3) quadrature of mlp-so3avg and so3gcnn
     split_seed: int = 0
     member_chunk: int = 10
@@ -434,3 +434,235 @@ def run_width_study(config: MoleculeCompareConfig, inputs: Inputs, kernels: dict
         out["distance_member_std"].append(float(np.std(member)))
         out["seconds"].append(time.perf_counter() - t0)
     return out
+
+
+# ------------------------------------------------------------------------------------- ensemble files
+
+def ensemble_meta(inputs: Inputs) -> tuple[dict, dict[str, np.ndarray]]:
+    """What a prediction from a saved ensemble needs besides the parameters: features and baseline."""
+    meta = {"target": TARGET, "unit": UNIT, "env_spec": inputs.env_spec.to_dict(), "y_scale": inputs.y_scale,
+            "atomrefs": {str(k): v for k, v in inputs.atomrefs.items()}, "max_atoms": 2 * inputs.max_train_atoms,
+            "source": "eqk compare --task molecules"}
+    arrays = {"channel_scale": np.asarray(inputs.channel_scale), "l0_mean": np.asarray(inputs.l0_mean),
+              "element_coef": np.asarray(inputs.element_coef)}
+    return meta, arrays
+
+
+def predict_with_ensemble(path: str | Path, mols) -> np.ndarray:
+    """Ensemble-mean prediction (meV) of the target for molecules, from a file written by `write_report`."""
+    from eqkernels.errors import ModelFileError
+    from eqkernels.pipelines import molecules as mp
+
+    ens, meta, arrays = MoleculeEnsemble.load(path)
+    try:
+        env = EnvironmentSpec.from_dict(meta["env_spec"])
+        refs = np.array([meta["atomrefs"][str(z)] for z in env.elements])
+        scale, l0, coef, y_scale = arrays["channel_scale"], arrays["l0_mean"], arrays["element_coef"], meta["y_scale"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"ensemble file lacks the molecule preprocessing ({type(e).__name__}: {e})", path) from None
+    mp.check_molecules(mols, env.elements, max_atoms=int(meta.get("max_atoms", 10 ** 6)))
+    atoms = _atoms(env, mols, scale, l0)
+    counts = mols.element_counts(env.elements)
+    return counts @ (refs + coef) + ens.mean(atoms.x, atoms.mol, atoms.n) * y_scale
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+SET_TITLES = {"test": "test", "ood": "OOD"}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (list, tuple)):
+        return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+    return f"{value:.{digits}f}"
+
+
+def headline_rows(summary: dict) -> list[list[str]]:
+    """Header and rows of the headline table: MAE (meV), invariance error (σ_y), distance to μ_k."""
+    sets = list(summary["sets"])
+    header = ["model"] + [f"MAE {SET_TITLES.get(s, s)} (meV)" for s in sets] + ["MAE rotated test (meV)"] + \
+             [f"invariance error {SET_TITLES.get(s, s)}" for s in sets] + ["‖mean − μ_k‖/‖μ_k‖ test"]
+    rows = [header]
+    for row in summary["rows"].values():
+        v = row["values"]
+        rows.append([row["label"]] + [_fmt(v[f"mae_{s}"], 0) for s in sets] + [_fmt(v.get("mae_rotated_test"), 0)]
+                    + [_fmt(v[f"invariance_error_{s}"], 4) for s in sets] + [_fmt(v.get("distance_to_kernel_test"))])
+    return rows
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+
+
+def summary_lines(summary: dict) -> list[str]:
+    out = []
+    for pool in ("mlp-aug", "mlp"):
+        curve = summary["curves"].get(pool, {}).get("invariance_error_test")
+        if not curve or not curve["sizes"]:
+            continue
+        a, b = curve["mean"][0], curve["mean"][-1]
+        m0, m1 = curve["sizes"][0], curve["sizes"][-1]
+        out.append(f"- **{summary['pools'][pool]['label']}**: invariance error of the ensemble mean (test) "
+                   f"{a:.4f} with {m0} member(s) → {b:.4f} with {m1} (×{b / a:.2f}; 1/√members would give "
+                   f"×{math.sqrt(m0 / m1):.2f})")
+    rows = summary["rows"]
+    out.append(f"- **kernels**: invariance error (test) of `mlp` {rows['kernel mlp']['values']['invariance_error_test']:.4f}; "
+               f"`mlp-so3avg` {rows['kernel mlp-so3avg']['values']['invariance_error_test']:.1e} and `so3gcnn` "
+               f"{rows['kernel so3gcnn']['values']['invariance_error_test']:.1e} (invariant up to the SO(3) quadrature "
+               f"of degree {summary['config']['quadrature_degree']})")
+    w = summary["width_study"]
+    if len(w["widths"]) > 1:
+        out.append(f"- **width study** (centred): distance of the ensemble mean to μ_k {w['distance_mean'][0]:.3f} at "
+                   f"width {w['widths'][0]} → {w['distance_mean'][-1]:.3f} at width {w['widths'][-1]}")
+    return out
+
+
+def markdown(summary: dict) -> str:
+    c, t = summary["config"], summary["timings"]
+    sets = list(summary["sets"])
+    lines = ["# eqk compare: emergent invariance on molecules (SO(3))", "",
+             f"Run time **{t['total']:.0f} s** ({summary['budget_note']}).", "", "## Set-up", "",
+             f"- **target**: {summary['target']} in meV, minus QM9's atom reference energies and a per-element linear "
+             f"fit on the training molecules (the rows' *element fit only*); networks and kernels learn the rest "
+             f"divided by its standard deviation σ_y = {summary['y_scale']:.0f} meV",
+             f"- **training molecules**: {c['n_train']} (random, split seed {c['split_seed']})"]
+    lines += [f"- **{SET_TITLES.get(k, k)}**: {v}" for k, v in summary["sets"].items()]
+    lines += ["- **atom environments**: sphere signals of every atom's neighbours in real spherical harmonics "
+              "(`eqkernels.environments`, defaults: l ≤ 3, 65 channels), channel-scaled and degree-0-centred on the "
+              "training atoms; a molecule's output is the sum over its atoms",
+              f"- **networks**: the per-atom MLP twin of the `mlp` kernel, {c['width']} hidden units, one ReLU layer, "
+              f"NTK parametrisation (σ_w = √2, σ_b = 0.1, readout 1, no readout bias), all parameters N(0, 1)"
+              + ("; members are **centred**, F(x;θ) − F(x;θ₀): an uncentred member's random initial function, a sum "
+                 "over ~18 atoms, is larger than the targets, non-invariant, and averages out only as 1/√members; "
+                 "centring removes it exactly, so what is left is what training does" if c["centred"] else
+                 "; members are uncentred (their random initial functions are part of the ensemble mean)"),
+              f"- **training**: {c['steps']} full-batch gradient-descent steps (optax SGD) on ½Σ(F(A) − y_A)² at "
+              f"η = {summary['eta']:.4g} = {c['lr_scale']:g}/λ_max (λ_max = {summary['lambda_max']:.4g} of the `mlp` "
+              f"NTK on the training molecules); **augmented** members see every training molecule under a fresh "
+              f"Haar-random rotation at every step (Wigner matrices D(R) applied to the atom signals, which equals "
+              f"recomputing the environments from rotated coordinates), so their mean follows `mlp-so3avg` at the same η",
+              f"- **kernels**: μ_k = Θ(x,X) Θ⁻¹ (I − (I − ηΘ)^k) Y after the same k = {c['steps']} discrete steps; "
+              f"`mlp` and `mlp-so3avg` at the networks' η, `so3gcnn` (no finite twin here) at its own "
+              f"η = {c['lr_scale']:g}/λ_max = {summary['rows']['kernel so3gcnn']['eta']:.4g}, since its scale differs; "
+              f"SO(3) quadrature degree {c['quadrature_degree']}",
+              f"- **rotations**: invariance errors and rotated MAEs use {c['rotations']} random rotations of every "
+              f"molecule (the quadrature kernels, invariant by construction and 10-25× dearer, 1)",
+              f"- **ensembles**: {c['seeds']} independent ensembles (\"seeds\") of {c['members']} members per model; "
+              "mean ± std over them. Kernel rows are deterministic given the data.", ""]
+    lines += ["## Summary", ""] + summary_lines(summary) + [""]
+    lines += ["## Headline", ""] + _table(headline_rows(summary))
+    lines += ["", "*invariance error*: mean over molecules and rotations R of |F(R·A) − F(A)| of the (ensemble) mean, "
+              "in units of σ_y; 0 = invariant. *‖mean − μ_k‖/‖μ_k‖*: distance of the ensemble mean on the test "
+              "molecules to the matching kernel's mean prediction (mlp → `mlp`, augmented → `mlp-so3avg`). "
+              "*MAE kernel regression (t = ∞)*, for reference: "
+              + ", ".join(f"`{k.split(' ', 1)[1]}` {r['mae_kernel_regression']:.0f} meV"
+                          for k, r in summary["rows"].items() if r["kind"] == "kernel") + ".", ""]
+    lines += ["## Over the number of members", "",
+              "Members of all seeds pooled; each size is averaged over disjoint ensembles from the pool.", ""]
+    metrics_shown = [(f"invariance_error_{s}", f"invariance error, {SET_TITLES.get(s, s)}") for s in sets] + \
+                    [("distance_to_kernel_test", "‖mean − μ_k‖/‖μ_k‖, test"), ("mae_test", "MAE test (meV)")]
+    for metric, title in metrics_shown:
+        sizes = sorted({m for curve in summary["curves"].values() for m in curve[metric]["sizes"]})
+        rows = [[title + " / members"] + [str(m) for m in sizes]]
+        for pool, curve in summary["curves"].items():
+            values = dict(zip(curve[metric]["sizes"], zip(curve[metric]["mean"], curve[metric]["std"])))
+            rows.append([summary["pools"][pool]["label"]] + [_fmt(list(values[m]), 0 if metric == "mae_test" else 4)
+                                                            if m in values else "–" for m in sizes])
+        lines += _table(rows) + [""]
+    lines += ["Plots: `members.png`.", ""]
+    w = summary["width_study"]
+    lines += ["## Width study: centred networks approach μ_k", "",
+              f"Centred per-atom MLPs without augmentation, {w['members']} members per width, the first {w['n_train']} "
+              f"training molecules, the same {c['steps']} steps at η = {w['eta']:.4g} (1/λ_max of their training "
+              f"kernel × {c['lr_scale']:g}); distance to the `mlp` kernel's μ_k on the test molecules.", ""]
+    rows = [["width", "‖ensemble mean − μ_k‖/‖μ_k‖", "single member (mean ± std)", "seconds"]]
+    for i, width in enumerate(w["widths"]):
+        rows.append([str(width), f"{w['distance_mean'][i]:.4f}",
+                     f"{w['distance_member_mean'][i]:.4f} ± {w['distance_member_std'][i]:.4f}", f"{w['seconds'][i]:.0f}"])
+    lines += _table(rows) + ["", "Plot: `width.png`.", "", "## Time", ""]
+    lines += _table([["stage", "seconds"]] + [[k, f"{v:.1f}"] for k, v in t.items()])
+    lines += ["", "Ensemble files (first seed of each model, with the preprocessing): "
+              + ", ".join(f"`ensembles/{p}.h5`" for p in summary["curves"])
+              + "; `eqkernels.pipelines.molecules_compare.predict_with_ensemble(path, molecules)` predicts from them.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(summary["sets"])
+    colours = {"mlp": "tab:red", "mlp-aug": "tab:blue"}
+    styles = {"test": "-", "ood": ":"}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for pool, curve in summary["curves"].items():
+        label = summary["pools"][pool]["label"]
+        for s in sets:
+            c = curve[f"invariance_error_{s}"]
+            axes[0].errorbar(c["sizes"], c["mean"], yerr=c["std"], ls=styles.get(s, "--"), color=colours[pool],
+                             marker="o", ms=3, capsize=2, label=f"{label}, {SET_TITLES.get(s, s)}")
+        c = curve["distance_to_kernel_test"]
+        axes[1].errorbar(c["sizes"], c["mean"], yerr=c["std"], color=colours[pool], marker="o", ms=3, capsize=2,
+                         label=label)
+        c = curve["mae_test"]
+        axes[2].errorbar(c["sizes"], c["mean"], yerr=c["std"], color=colours[pool], marker="o", ms=3, capsize=2,
+                         label=label)
+    for name, colour in (("kernel mlp", "tab:red"), ("kernel mlp-so3avg", "tab:blue"), ("kernel so3gcnn", "tab:green")):
+        axes[2].axhline(summary["rows"][name]["values"]["mae_test"], color=colour, lw=0.8, ls="--",
+                        label=f"{name.split(' ')[1]} μ_k")
+    aug = summary["curves"].get("mlp-aug", {}).get("invariance_error_test")
+    if aug and aug["sizes"]:
+        m = np.asarray(aug["sizes"], float)
+        axes[0].plot(m, aug["mean"][0] / np.sqrt(m), color="grey", lw=0.8, label="1/√members")
+    axes[0].set(xscale="log", yscale="log", xlabel="members", ylabel="invariance error (units of σ_y)",
+                title="invariance error of the ensemble mean")
+    axes[1].set(xscale="log", yscale="log", xlabel="members", ylabel="‖mean − μ_k‖/‖μ_k‖ (test)",
+                title="distance to the kernel mean prediction")
+    axes[2].set(xscale="log", xlabel="members", ylabel="MAE test (meV)", title="test MAE")
+    for ax in axes:
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out_dir / "members.png", dpi=120)
+    plt.close(fig)
+
+    w = summary["width_study"]
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    widths = np.asarray(w["widths"], float)
+    ax.plot(widths, w["distance_mean"], "o-", label=f"ensemble mean ({w['members']} members)")
+    ax.errorbar(widths, w["distance_member_mean"], yerr=w["distance_member_std"], fmt="s--", capsize=2,
+                label="single members")
+    if len(widths):
+        ax.plot(widths, w["distance_member_mean"][-1] * np.sqrt(widths[-1] / widths), color="grey", lw=0.8,
+                label="1/√width")
+    ax.set(xscale="log", yscale="log", xlabel="width (hidden units)", ylabel="‖F − μ_k‖/‖μ_k‖ (test)",
+           title="centred per-atom MLPs approach the NTK mean prediction")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out_dir / "width.png", dpi=120)
+    plt.close(fig)
+
+
+def write_report(summary: dict, out_dir: str | Path) -> dict:
+    """report.md, report.json, members.png, width.png and ensembles/*.h5 in `out_dir`; returns the JSON."""
+    from eqkernels.apps._common import write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ensembles = summary.pop("ensembles", {})
+    inputs = summary.pop("_inputs", None)
+    if inputs is not None:
+        meta, arrays = ensemble_meta(inputs)
+        for pool, ens in ensembles.items():
+            ens.save(out_dir / "ensembles" / f"{pool}.h5", meta, arrays)
+    summary["headline"] = headline_rows(summary)
+    write_json(out_dir / "report.json", summary)
+    plot(summary, out_dir)
+    (out_dir / "report.md").write_text(markdown(summary))
+    return summary
