@@ -31,8 +31,20 @@ HISTOLOGY_ONLY = ("size", "group", "gcnn_width", "gcnn_members", "batch_size")
 MOLECULES_ONLY = ("rotations", "quadrature_degree")
 
 
+def _given_options() -> tuple[set, dict]:
+    """(names of the options given on the command line, every option's value) of the running command."""
+    try:
+        from click import get_current_context
+    except ImportError:  # typer ≥ 0.20 vendors click
+        from typer._click.globals import get_current_context
+    ctx = get_current_context()
+    # By name: the ParameterSource enum lives in whichever click is in use.
+    given = {name for name in ctx.params
+             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+    return given, dict(ctx.params)
+
+
 def compare(
-    ctx: typer.Context,
     task: str = typer.Option("histology", help="What to compare on: histology (tiles, C4/D4) or molecules (QM9 "
                                                "U0, SO(3); its own defaults for the options not given)."),
     data: Optional[Path] = typer.Option(None, help="Labelled tiles: folder of class folders, MedMNIST .npz or hmnist "
@@ -76,14 +88,12 @@ def compare(
     error and the distance to the kernel mean prediction; writes report.md, report.json and plots."""
     if task not in TASKS:
         raise InputError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
-    # By name: typer may vendor click, so its ParameterSource enum is not importable from one place.
-    given = {name for name in ctx.params
-             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+    given, params = _given_options()
     wrong = sorted(given & set(HISTOLOGY_ONLY if task == "molecules" else MOLECULES_ONLY))
     if wrong:
         raise InputError(f"--{wrong[0].replace('_', '-')} does not apply to --task {task}")
     if task == "molecules":
-        return _compare_molecules(ctx.params, given, out, budget)
+        return _compare_molecules(params, given, out, budget)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     from eqkernels.pipelines import histology_compare as hc

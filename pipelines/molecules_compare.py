@@ -32,9 +32,9 @@ import numpy as np
 from eqkernels import metrics
 from eqkernels.environments import EnvironmentSpec, atom_environments, channel_scales
 from eqkernels.errors import InputError
+from eqkernels.ensembles import size_curve
 from eqkernels.molecule_ensembles import AtomMLPEnsembleSpec, MoleculeEnsemble, rotate_molecules, train
 from eqkernels.molecule_kernel import MoleculeKernel
-from eqkernels.ensembles import size_curve
 from eqkernels.solvers import dual_coefficients
 from eqkernels.so3 import AtomKernelSpec, random_rotations
 
@@ -232,6 +232,8 @@ def kernel_part(config: MoleculeCompareConfig, inputs: Inputs, *, progress=None,
     The quadrature kernels (mlp-so3avg, so3gcnn) are invariant by construction and cost 10-25× the
     MLP kernel; they are evaluated on one rotated copy only (enough to show it), the MLP on all.
     """
+    from eqkernels.pipelines.molecules import _select_ridge, ridge_floor
+
     net = AtomMLPEnsembleSpec()
     tr = inputs.train
     out = {"models": {}, "seconds": {}}
@@ -248,8 +250,6 @@ def kernel_part(config: MoleculeCompareConfig, inputs: Inputs, *, progress=None,
         eta = out["eta"] if name != "so3gcnn" else config.lr_scale / lambda_max
         alpha = dual_coefficients(k_train, inputs.y_train, ridge=0.0, time=config.steps, learning_rate=eta,
                                   discrete=True)
-        from eqkernels.pipelines.molecules import _select_ridge, ridge_floor
-
         ridge, _, alpha_inf = _select_ridge(k_train, inputs.y_train, min_ridge=ridge_floor(1e-5))
         copies, krr, k_test = {}, None, None
         n_copies = len(next(iter(inputs.sets.values()))) if name == "mlp" else min(2, len(next(iter(inputs.sets.values()))))
