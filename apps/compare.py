@@ -25,13 +25,34 @@ def _int_list(value: str, option: str) -> tuple[int, ...]:
     return items
 
 
+# Options that only the histology comparison has; refused with --task molecules when given.
+HISTOLOGY_ONLY = ("size", "group", "gcnn_width", "gcnn_members", "batch_size")
+# Options that only the molecule comparison has; refused with --task histology when given.
+MOLECULES_ONLY = ("rotations", "quadrature_degree")
+
+
+def _given_options() -> tuple[set, dict]:
+    """(names of the options given on the command line, every option's value) of the running command."""
+    try:
+        from click import get_current_context
+    except ImportError:  # typer ≥ 0.20 vendors click
+        from typer._click.globals import get_current_context
+    ctx = get_current_context()
+    # By name: the ParameterSource enum lives in whichever click is in use.
+    given = {name for name in ctx.params
+             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+    return given, dict(ctx.params)
+
+
 def compare(
-    task: str = typer.Option("histology", help="What to compare on: histology (molecules once that pipeline is "
-                                               "installed)."),
+    task: str = typer.Option("histology", help="What to compare on: histology (tiles, C4/D4) or molecules (QM9 "
+                                               "U0, SO(3); its own defaults for the options not given)."),
     data: Optional[Path] = typer.Option(None, help="Labelled tiles: folder of class folders, MedMNIST .npz or hmnist "
-                                                   ".csv [default: bundled PathMNIST sample]."),
+                                                   ".csv [default: bundled PathMNIST sample]; molecules: any file "
+                                                   "`eqk molecules` reads [default: bundled QM9 sample]."),
     ood: Optional[Path] = typer.Option(None, help="Out-of-distribution tiles [default: bundled Kather-2016 8×8 tiles]; "
-                                                  "Gaussian noise images are always added."),
+                                                  "Gaussian noise images are always added. Molecules: OOD molecules "
+                                                  "[default: the --n-ood largest molecules of --data, held out]."),
     out: Path = typer.Option(Path("eqk-compare"), "--out", "-o", help="Report folder (Markdown, JSON, PNG, ensemble "
                                                                       "files)."),
     budget: float = typer.Option(900.0, help="Seconds for the run: the member counts (then the widest widths) are "
@@ -51,8 +72,12 @@ def compare(
     seeds: int = typer.Option(5, help="Independent ensembles per model (mean ± std over them)."),
     curve_sizes: str = typer.Option("1,2,5,10,20,50,100", "--curve-sizes", help="Ensemble sizes for the curves "
                                                                                 "(members of all seeds pooled)."),
-    centred: bool = typer.Option(False, "--centred", help="Train the compared ensembles as centred networks "
-                                                          "f(x;θ) − f(x;θ₀) (the width study always is)."),
+    centred: bool = typer.Option(False, "--centred/--uncentred", help="Train the compared ensembles as centred "
+                                                                      "networks f(x;θ) − f(x;θ₀) (the width study "
+                                                                      "always is) [molecules default: centred]."),
+    rotations: int = typer.Option(3, help="Molecules: random rotations per molecule for the invariance error."),
+    quadrature_degree: int = typer.Option(5, "--quadrature-degree", help="Molecules: SO(3) quadrature degree of the "
+                                                                         "mlp-so3avg and so3gcnn kernels."),
     widths: str = typer.Option("16,32,64,128", help="Widths of the centred width study."),
     width_members: int = typer.Option(4, "--width-members", help="Members per width in the width study."),
     width_n_train: int = typer.Option(40, "--width-n-train", help="Training tiles of the width study."),
@@ -63,9 +88,12 @@ def compare(
     error and the distance to the kernel mean prediction; writes report.md, report.json and plots."""
     if task not in TASKS:
         raise InputError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    given, params = _given_options()
+    wrong = sorted(given & set(HISTOLOGY_ONLY if task == "molecules" else MOLECULES_ONLY))
+    if wrong:
+        raise InputError(f"--{wrong[0].replace('_', '-')} does not apply to --task {task}")
     if task == "molecules":
-        raise InputError("--task molecules needs the molecules pipeline (per-atom networks), which this "
-                         "installation lacks; use --task histology")
+        return _compare_molecules(params, given, out, budget)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     from eqkernels.pipelines import histology_compare as hc
@@ -87,6 +115,33 @@ def compare(
         hc.write_report(summary, tmp)
     rows = summary["headline"]
     table = Table(title=f"Emergent equivariance, {summary['group']} (mean ± std over {config.seeds} ensembles)")
+    for i, col in enumerate(rows[0]):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows[1:]:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"finished in {time.perf_counter() - started:.0f} s → {out}/report.md")
+
+
+def _compare_molecules(params: dict, given: set, out: Path, budget: float):
+    """`eqk compare --task molecules`: the options given on the command line over the molecule defaults."""
+    from eqkernels.pipelines import molecules_compare as mc
+
+    fields = set(mc.MoleculeCompareConfig.__dataclass_fields__) - {"member_chunk"}
+    options = {}
+    for name in sorted(given & fields):
+        value = params[name]
+        options[name] = _int_list(value, f"--{name.replace('_', '-')}") if name in ("widths", "curve_sizes") else value
+    config = mc.MoleculeCompareConfig(**options)
+    started = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        summary = mc.run(config, data=params["data"], ood=params["ood"], budget=budget if budget > 0 else None,
+                         progress=None,
+                         log=lambda m: console.print(f"[dim]{time.perf_counter() - started:6.0f} s[/]  {m}"))
+        mc.write_report(summary, tmp)
+    rows = summary["headline"]
+    seeds = summary["config"]["seeds"]
+    table = Table(title=f"Emergent invariance on molecules, SO(3) (mean ± std over {seeds} ensembles)")
     for i, col in enumerate(rows[0]):
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows[1:]:
