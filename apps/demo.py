@@ -1,7 +1,6 @@
 """`eqk demo`: the main job on the bundled real data, within a time budget."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
 from eqkernels.apps._common import console, to_jsonable

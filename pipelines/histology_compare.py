@@ -35,6 +35,8 @@ from eqkernels.groups import get_group
 from eqkernels.kernels import ConvNetSpec, KernelSpec
 from eqkernels.kernels.families import family_kernels, left_translate
 from eqkernels.kernels.relative import relative_kernels
+from eqkernels.pipelines.compare_report import (format_value as _fmt, markdown_table as _table, mean_std,
+                                                  plot_width_study)
 from eqkernels.pipelines.histology import Preprocessing, TileSet, load_tiles, stratified_split
 from eqkernels.pipelines.histology_ensemble import HistologyEnsemble
 from eqkernels.solvers import centred_one_hot, dual_coefficients
@@ -193,12 +195,6 @@ def measure(orbit_scores: np.ndarray, inputs: Inputs, reference: np.ndarray | No
             out["accuracy"] = metrics.accuracy(inputs.test_labels, classes[0])
             out["accuracy_transformed"] = float(np.mean([metrics.accuracy(inputs.test_labels, c) for c in classes[1:]]))
     return out
-
-
-def mean_std(rows: list[dict]) -> dict:
-    """{measure: [mean, std]} over repeated ensembles."""
-    keys = rows[0].keys()
-    return {k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))] for k in keys}
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -469,15 +465,6 @@ def run_width_study(config: CompareConfig, inputs: Inputs, kernels: dict, *, pro
 SET_TITLES = {"test": "test", "kather2016": "OOD Kather-2016", "ood": "OOD tiles", "noise": "OOD noise"}
 
 
-def _fmt(value, digits: int = 3) -> str:
-    """'m ± s' for [mean, std] pairs (repeated ensembles), plain for single values (kernels)."""
-    if value is None:
-        return "–"
-    if isinstance(value, (list, tuple)):
-        return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
-    return f"{value:.{digits}f}"
-
-
 def headline_rows(summary: dict) -> list[list[str]]:
     """Header and rows of the headline table (orbit-same of |G|, accuracy; mean ± std over repeats)."""
     order = summary["group_order"]
@@ -502,11 +489,6 @@ def invariance_rows(summary: dict) -> list[list[str]]:
     return rows
 
 
-def _table(rows: list[list[str]]) -> list[str]:
-    return (["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-            + ["| " + " | ".join(r) + " |" for r in rows[1:]])
-
-
 def summary_lines(summary: dict) -> list[str]:
     """The main numbers in words: what adding members did with and without augmentation, and the width study."""
     out = []
@@ -528,7 +510,7 @@ def summary_lines(summary: dict) -> list[str]:
     avg = summary["rows"].get(f"kernel {GROUP_KERNELS[summary['group']][1]}")
     plain = summary["rows"].get(f"kernel {GROUP_KERNELS[summary['group']][0]}")
     if avg and plain:
-        out.append(f"- **infinite ensembles (kernels)**: without augmentation invariance error "
+        out.append("- **infinite ensembles (kernels)**: without augmentation invariance error "
                    + ", ".join(f"{SET_TITLES.get(s, s)} {plain['values'][f'invariance_error_{s}']:.3f}" for s in sets)
                    + f"; with augmentation {max(avg['values'][f'invariance_error_{s}'] for s in sets):.1e} (exact)")
     gcnn = summary["rows"].get("ensemble gcnn")
@@ -668,22 +650,9 @@ def plot(summary: dict, out_dir: Path) -> None:
     fig.savefig(out_dir / "members.png", dpi=120)
     plt.close(fig)
 
-    w = summary["width_study"]
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    widths = np.asarray(w["widths"], float)
-    ax.plot(widths, w["distance_mean"], "o-", label=f"ensemble mean ({w['members']} members)")
-    ax.errorbar(widths, w["distance_member_mean"], yerr=w["distance_member_std"], fmt="s--", capsize=2,
-                label="single members")
-    if len(widths):  # the guide passes through the widest point, where the scaling should hold best
-        ax.plot(widths, w["distance_member_mean"][-1] * np.sqrt(widths[-1] / widths), color="grey", lw=0.8,
-                label="1/√width")
-    ax.set(xscale="log", yscale="log", xlabel="width (channels)", ylabel="‖f − μ_k‖/‖μ_k‖ (test)",
-           title="centred CNNs approach the NTK mean prediction")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out_dir / "width.png", dpi=120)
-    plt.close(fig)
+    plot_width_study(summary["width_study"], out_dir / "width.png", xlabel="width (channels)",
+                     ylabel="‖f − μ_k‖/‖μ_k‖ (test)",
+                     title="centred CNNs approach the NTK mean prediction")
 
 
 def write_report(summary: dict, out_dir: str | Path) -> dict:

@@ -13,7 +13,6 @@ linear fit on the training molecules is removed; the kernel learns the rest. Pre
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from eqkernels.environments import EnvironmentSpec, atom_environments, channel_scales
 from eqkernels.errors import InputError, ModelFileError
 from eqkernels.molecule_kernel import MoleculeKernel
-from eqkernels.pipelines.qm9io import (ATOMIC_NUMBERS, NATIVE_UNITS, PROPERTY_NAMES, QM9_PROPERTIES, SYMBOLS,
+from eqkernels.pipelines.qm9io import (NATIVE_UNITS, PROPERTY_NAMES, QM9_PROPERTIES, SYMBOLS,
                                        MoleculeSet, format_qm9_xyz, installed_qm9pack_files, load_molecules,
                                        parse_qm9_xyz, qm9pack_row_to_xyz, qm9pack_rows, read_ase_db,
                                        read_ase_file, read_qm9_tar, read_qm9_xyz_files, read_qm9pack_csv,

@@ -35,6 +35,8 @@ from eqkernels.errors import InputError
 from eqkernels.ensembles import size_curve
 from eqkernels.molecule_ensembles import AtomMLPEnsembleSpec, MoleculeEnsemble, rotate_molecules, train
 from eqkernels.molecule_kernel import MoleculeKernel
+from eqkernels.pipelines.compare_report import (format_value as _fmt, markdown_table as _table, mean_std,
+                                                  plot_width_study)
 from eqkernels.solvers import dual_coefficients
 from eqkernels.so3 import AtomKernelSpec, random_rotations
 
@@ -211,10 +213,6 @@ def measure(copies: dict[str, np.ndarray], inputs: Inputs, reference: dict[str, 
         if reference is not None:
             out[f"distance_to_kernel_{name}"] = metrics.relative_distance(pred[0], reference[name][0])
     return out
-
-
-def mean_std(rows: list[dict]) -> dict:
-    return {k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))] for k in rows[0]}
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -471,14 +469,6 @@ def predict_with_ensemble(path: str | Path, mols) -> np.ndarray:
 SET_TITLES = {"test": "test", "ood": "OOD"}
 
 
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, (list, tuple)):
-        return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
-    return f"{value:.{digits}f}"
-
-
 def headline_rows(summary: dict) -> list[list[str]]:
     """Header and rows of the headline table: MAE (meV), invariance error (σ_y), distance to μ_k."""
     sets = list(summary["sets"])
@@ -490,11 +480,6 @@ def headline_rows(summary: dict) -> list[list[str]]:
         rows.append([row["label"]] + [_fmt(v[f"mae_{s}"], 0) for s in sets] + [_fmt(v.get("mae_rotated_test"), 0)]
                     + [_fmt(v[f"invariance_error_{s}"], 4) for s in sets] + [_fmt(v.get("distance_to_kernel_test"))])
     return rows
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    return (["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-            + ["| " + " | ".join(r) + " |" for r in rows[1:]])
 
 
 def summary_lines(summary: dict) -> list[str]:
@@ -631,22 +616,9 @@ def plot(summary: dict, out_dir: Path) -> None:
     fig.savefig(out_dir / "members.png", dpi=120)
     plt.close(fig)
 
-    w = summary["width_study"]
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    widths = np.asarray(w["widths"], float)
-    ax.plot(widths, w["distance_mean"], "o-", label=f"ensemble mean ({w['members']} members)")
-    ax.errorbar(widths, w["distance_member_mean"], yerr=w["distance_member_std"], fmt="s--", capsize=2,
-                label="single members")
-    if len(widths):
-        ax.plot(widths, w["distance_member_mean"][-1] * np.sqrt(widths[-1] / widths), color="grey", lw=0.8,
-                label="1/√width")
-    ax.set(xscale="log", yscale="log", xlabel="width (hidden units)", ylabel="‖F − μ_k‖/‖μ_k‖ (test)",
-           title="centred per-atom MLPs approach the NTK mean prediction")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out_dir / "width.png", dpi=120)
-    plt.close(fig)
+    plot_width_study(summary["width_study"], out_dir / "width.png", xlabel="width (hidden units)",
+                     ylabel="‖F − μ_k‖/‖μ_k‖ (test)",
+                     title="centred per-atom MLPs approach the NTK mean prediction")
 
 
 def write_report(summary: dict, out_dir: str | Path) -> dict:
