@@ -71,26 +71,43 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines."),
     unit: Optional[str] = typer.Option(None, "--unit", help="Energy unit of the output (default: the model's)."),
 ):
-    """Predict the model's property for every molecule in the files: one line 'name value unit' each."""
+    """Predict the model's property for every molecule in the files: one line 'name value unit' each.
+
+    MODEL is a kernel model from `eqk molecules train` or an ensemble file from `eqk compare --task
+    molecules` (its members' mean).
+    """
     mp = _pipeline()
-    model = mp.load_model(model_path)
-    out_unit = unit or model.unit
-    if out_unit != model.unit:
-        if model.meta.get("native_unit", "Ha") != "Ha":
-            raise InputError(f"{model.target} is in {model.unit}; it cannot be given in {out_unit}")
-        mp.convert_units(0.0, model.unit, out_unit)
+    from eqkernels import store
+    from eqkernels.molecule_ensembles import MOLECULE_ENSEMBLE_KIND
+
+    if store.kind_of(model_path) == MOLECULE_ENSEMBLE_KIND:
+        from eqkernels.pipelines.molecules_compare import ensemble_file_info, predict_with_ensemble
+
+        target, model_unit, elements, max_atoms = ensemble_file_info(model_path)
+        predict_fn = lambda mols: predict_with_ensemble(model_path, mols)  # noqa: E731
+        convertible = True
+    else:
+        model = mp.load_model(model_path)
+        target, model_unit, elements, max_atoms = model.target, model.unit, model.env_spec.elements, model.max_atoms
+        predict_fn = lambda mols: model.predict(mols, check=False)  # noqa: E731
+        convertible = model.meta.get("native_unit", "Ha") == "Ha"
+    out_unit = unit or model_unit
+    if out_unit != model_unit:
+        if not convertible:
+            raise InputError(f"{target} is in {model_unit}; it cannot be given in {out_unit}")
+        mp.convert_units(0.0, model_unit, out_unit)
     # Read and check every file before computing anything, so a bad file leaves no partial output.
     loaded = []
     for f in files:
         mols = mp.load_molecules(f)
-        mp.check_molecules(mols, model.env_spec.elements, max_atoms=model.max_atoms, path=f)
+        mp.check_molecules(mols, elements, max_atoms=max_atoms, path=f)
         loaded.append((f, mols))
     rows = []
     for f, mols in loaded:
-        values = mp.convert_units(model.predict(mols, check=False), model.unit, out_unit)
-        for k, (name, v) in enumerate(zip(mols.names, values)):
+        values = mp.convert_units(predict_fn(mols), model_unit, out_unit)
+        for name, v in zip(mols.names, values):
             label = str(f) if len(mols) == 1 else f"{f}:{name}"
-            rows.append({"name": label, "value": float(v), "unit": out_unit, "target": model.target})
+            rows.append({"name": label, "value": float(v), "unit": out_unit, "target": target})
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:

@@ -446,6 +446,18 @@ def ensemble_meta(inputs: Inputs) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, arrays
 
 
+def ensemble_file_info(path: str | Path) -> tuple[str, str, tuple, int]:
+    """(target, unit, elements the environments know, largest molecule accepted) of an ensemble file."""
+    from eqkernels.errors import ModelFileError
+
+    _, meta, _ = MoleculeEnsemble.load(path)
+    try:
+        env = EnvironmentSpec.from_dict(meta["env_spec"])
+        return str(meta["target"]), str(meta["unit"]), tuple(env.elements), int(meta.get("max_atoms", 10 ** 6))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"ensemble file lacks the molecule preprocessing ({type(e).__name__}: {e})", path) from None
+
+
 def predict_with_ensemble(path: str | Path, mols) -> np.ndarray:
     """Ensemble-mean prediction (meV) of the target for molecules, from a file written by `write_report`."""
     from eqkernels.errors import ModelFileError

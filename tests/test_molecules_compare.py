@@ -178,6 +178,14 @@ def test_compare_molecules_end_to_end_on_a_tiny_configuration(cli, tmp_path):
     energies = predict_with_ensemble(out / "ensembles" / "mlp-aug.h5", mols)
     truth = mp.convert_units(mols.properties["U0"], "Ha", "meV")
     assert energies.shape == (3,) and np.all(np.abs(energies - truth) < 0.02 * np.abs(truth))
+    # ... and so does `eqk molecules predict` on that file, from a QM9 xyz file, in any energy unit.
+    xyz = tmp_path / "first.xyz"
+    xyz.write_text(mp.qm9pack_row_to_xyz(mp.qm9pack_rows(QM9_SAMPLE)[0]))
+    printed = cli("molecules", "predict", out / "ensembles" / "mlp-aug.h5", xyz, "--json", "--unit", "eV")
+    assert printed.code == 0, printed
+    row = json.loads(printed.out)[0]
+    assert row["unit"] == "eV" and row["target"] == "U0"
+    assert abs(row["value"] * 1000 - energies[0]) < 1e-3 * abs(energies[0])
 
 
 def test_compare_molecules_bad_input_is_one_line(cli, tmp_path):
