@@ -46,7 +46,7 @@ GROUP_KERNELS = {"C4": ("cnn", "cnn-c4avg", "p4cnn"), "D4": ("cnn", "cnn-d4avg",
 
 @dataclass
 class CompareConfig:
-    """Sizes of one comparison run. The defaults run in about 10 minutes on 2 CPU cores."""
+    """Sizes of one comparison run. The defaults ran in about 3 minutes on 2 CPU cores."""
 
     size: int = 8                  # tiles are resized to size × size px (Kather-2016 tiles are 8 px)
     n_train: int = 100             # training tiles (class-stratified)
