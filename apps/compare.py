@@ -108,19 +108,8 @@ def compare(
     if batch_size is not None and batch_size > min(config.n_train, config.width_n_train):
         raise InputError(f"--batch-size {batch_size} exceeds the training tiles (--n-train {config.n_train}, "
                          f"--width-n-train {config.width_n_train})")
-    started = time.perf_counter()
-    with atomic_dir(out) as tmp:
-        summary = hc.run(config, data=data, ood=ood, budget=budget if budget > 0 else None, progress=None,
-                         log=lambda m: console.print(f"[dim]{time.perf_counter() - started:6.0f} s[/]  {m}"))
-        hc.write_report(summary, tmp)
-    rows = summary["headline"]
-    table = Table(title=f"Emergent equivariance, {summary['group']} (mean ± std over {config.seeds} ensembles)")
-    for i, col in enumerate(rows[0]):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    for row in rows[1:]:
-        table.add_row(*row)
-    console.print(table)
-    console.print(f"finished in {time.perf_counter() - started:.0f} s → {out}/report.md")
+    _run_and_print(hc, config, data, ood, out, budget,
+                   lambda s: f"Emergent equivariance, {s['group']} (mean ± std over {config.seeds} ensembles)")
 
 
 def _compare_molecules(params: dict, given: set, out: Path, budget: float):
@@ -133,15 +122,20 @@ def _compare_molecules(params: dict, given: set, out: Path, budget: float):
         value = params[name]
         options[name] = _int_list(value, f"--{name.replace('_', '-')}") if name in ("widths", "curve_sizes") else value
     config = mc.MoleculeCompareConfig(**options)
+    _run_and_print(mc, config, params["data"], params["ood"], out, budget,
+                   lambda s: f"Emergent invariance on molecules, SO(3) "
+                             f"(mean ± std over {s['config']['seeds']} ensembles)")
+
+
+def _run_and_print(pipeline, config, data, ood, out: Path, budget: float, title) -> None:
+    """Run a comparison pipeline (`run`, `write_report`) into `out` atomically and print its headline table."""
     started = time.perf_counter()
     with atomic_dir(out) as tmp:
-        summary = mc.run(config, data=params["data"], ood=params["ood"], budget=budget if budget > 0 else None,
-                         progress=None,
-                         log=lambda m: console.print(f"[dim]{time.perf_counter() - started:6.0f} s[/]  {m}"))
-        mc.write_report(summary, tmp)
+        summary = pipeline.run(config, data=data, ood=ood, budget=budget if budget > 0 else None, progress=None,
+                               log=lambda m: console.print(f"[dim]{time.perf_counter() - started:6.0f} s[/]  {m}"))
+        pipeline.write_report(summary, tmp)
     rows = summary["headline"]
-    seeds = summary["config"]["seeds"]
-    table = Table(title=f"Emergent invariance on molecules, SO(3) (mean ± std over {seeds} ensembles)")
+    table = Table(title=title(summary))
     for i, col in enumerate(rows[0]):
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows[1:]:

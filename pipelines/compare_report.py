@@ -26,6 +26,18 @@ def markdown_table(rows: list[list[str]]) -> list[str]:
             + ["| " + " | ".join(r) + " |" for r in rows[1:]])
 
 
+def save_figure(fig, axes, path: Path, *, legend_size: int = 6) -> None:
+    """Legend and log grid on every axis, then write the figure to `path` and close it."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.legend(fontsize=legend_size)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_width_study(width_study: dict, path: Path, *, xlabel: str, ylabel: str, title: str) -> None:
     """Distance of the centred ensemble mean and of single members to μ_k against width, log-log, to `path`."""
     import matplotlib
@@ -43,8 +55,4 @@ def plot_width_study(width_study: dict, path: Path, *, xlabel: str, ylabel: str,
         ax.plot(widths, w["distance_member_mean"][-1] * np.sqrt(widths[-1] / widths), color="grey", lw=0.8,
                 label="1/√width")
     ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, [ax], path, legend_size=7)

@@ -36,7 +36,7 @@ from eqkernels.kernels import ConvNetSpec, KernelSpec
 from eqkernels.kernels.families import family_kernels, left_translate
 from eqkernels.kernels.relative import relative_kernels
 from eqkernels.pipelines.compare_report import (format_value as _fmt, markdown_table as _table, mean_std,
-                                                  plot_width_study)
+                                                  plot_width_study, save_figure)
 from eqkernels.pipelines.histology import Preprocessing, TileSet, load_tiles, stratified_split
 from eqkernels.pipelines.histology_ensemble import HistologyEnsemble
 from eqkernels.solvers import centred_one_hot, dual_coefficients
@@ -643,12 +643,7 @@ def plot(summary: dict, out_dir: Path) -> None:
                 title="orbit-same-predictions, OOD inputs")
     axes[2].set(xscale="log", yscale="log", xlabel="members", ylabel="‖mean − μ_k‖/‖μ_k‖ (test)",
                 title="distance to the kernel mean prediction")
-    for ax in axes:
-        ax.legend(fontsize=6)
-        ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out_dir / "members.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, axes, out_dir / "members.png")
 
     plot_width_study(summary["width_study"], out_dir / "width.png", xlabel="width (channels)",
                      ylabel="‖f − μ_k‖/‖μ_k‖ (test)",

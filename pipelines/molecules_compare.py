@@ -36,7 +36,7 @@ from eqkernels.ensembles import size_curve
 from eqkernels.molecule_ensembles import AtomMLPEnsembleSpec, MoleculeEnsemble, rotate_molecules, train
 from eqkernels.molecule_kernel import MoleculeKernel
 from eqkernels.pipelines.compare_report import (format_value as _fmt, markdown_table as _table, mean_std,
-                                                  plot_width_study)
+                                                  plot_width_study, save_figure)
 from eqkernels.solvers import dual_coefficients
 from eqkernels.so3 import AtomKernelSpec, random_rotations
 
@@ -621,12 +621,7 @@ def plot(summary: dict, out_dir: Path) -> None:
     axes[1].set(xscale="log", yscale="log", xlabel="members", ylabel="‖mean − μ_k‖/‖μ_k‖ (test)",
                 title="distance to the kernel mean prediction")
     axes[2].set(xscale="log", xlabel="members", ylabel="MAE test (meV)", title="test MAE")
-    for ax in axes:
-        ax.legend(fontsize=6)
-        ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out_dir / "members.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, axes, out_dir / "members.png")
 
     plot_width_study(summary["width_study"], out_dir / "width.png", xlabel="width (hidden units)",
                      ylabel="‖F − μ_k‖/‖μ_k‖ (test)",
