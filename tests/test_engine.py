@@ -125,3 +125,51 @@ def test_zero_images_give_finite_kernels():
     x = np.zeros((2, 8, 8, 3))
     k = ImageKernel("cnn-c4avg", progress=False)(x)
     assert np.all(np.isfinite(k["ntk"])) and np.all(np.isfinite(k["nngp"]))
+
+
+RECTANGLES = [pytest.param(p, s, id=f"{p}-{s[0]}x{s[1]}") for p in ("VALID", "SAME", "CIRCULAR") for s in ((7, 11), (11, 7))]
+
+
+@pytest.mark.parametrize("padding,shape", RECTANGLES)
+def test_cnn_kernel_on_rectangular_images_equals_neural_tangents(padding, shape, rng):
+    """Non-square inputs: the pooling averages over H_L·W_L positions on each side.
+
+    Before the fix the pooled kernels were off by H_L/W_L (ours/nt = 2.333 at 7×11 and 0.4286 at
+    11×7 VALID, 1.571 / 0.636 SAME and CIRCULAR). In float64 both sides are exact up to rounding;
+    the 1e-10 bound is that of the square float64 test above. One relative-kernel computation
+    serves both readouts (they are applied to the same pooled kernels and self terms).
+    """
+    x1, x2 = rng.standard_normal((3,) + shape + (3,)), rng.standard_normal((3,) + shape + (3,))
+    net = ConvNetSpec(padding=padding, bias_std=0.2, readout_bias_std=0.1)
+    with jax.experimental.enable_x64():
+        rel = relative_kernels(net, x1, x2, need_self=True, dtype=jnp.float64, progress=False)
+        for readout in ("linear", "mlp"):
+            spec = KernelSpec("cnn", net).with_net(readout=readout)
+            ref = nt_cnn_kernel_fn(spec.net)(jnp.asarray(x1), jnp.asarray(x2), ("nngp", "ntk"))
+            ours = family_kernels(spec, rel)
+            assert rel_err(ours["nngp"], ref.nngp) < 1e-10, readout
+            assert rel_err(ours["ntk"], ref.ntk) < 1e-10, readout
+
+
+def test_images_too_narrow_for_valid_convolutions_are_refused():
+    """Both sides shrink under VALID convolutions; only the height used to be checked."""
+    x = np.zeros((2, 11, 5, 3))
+    with pytest.raises(ValueError, match="too small"):
+        ImageKernel(KernelSpec("cnn", ConvNetSpec(depth=3)), progress=False)(x)
+
+
+@pytest.mark.parametrize("name", ["cnn-c4avg", "cnn-d4avg", "p4cnn", "d4cnn"])
+def test_group_kernels_refuse_rectangles_before_writing_anything(name, tmp_path):
+    """90° rotations do not map a 7×11 grid onto itself, so these kernels do not exist there.
+
+    The old code did fail, but only inside the loop over group elements, after the identity's
+    blocks had been computed and written to the checkpoint folder.
+    """
+    x = np.random.default_rng(0).standard_normal((2, 7, 11, 3))
+    folder = tmp_path / "blocks"
+    with pytest.raises(ValueError, match="square images"):
+        ImageKernel(name, progress=False).relative(x, checkpoint=folder)
+    assert not folder.exists()
+    # groups that do map a rectangle onto itself (180° turns, mirror images) still work
+    rel = relative_kernels(ConvNetSpec(), x, None, "D2", progress=False)
+    assert np.all(np.isfinite(rel.ntk)) and rel.ntk.shape == (4, 2, 2)

@@ -332,6 +332,22 @@ def test_layer_argument_errors():
         stax.serial(stax.Conv(4, (3, 3)), stax.Relu(), GroupConv(4, (3, 3)))[2](_images(2), None, "nngp")
 
 
+@pytest.mark.parametrize("group", GROUPS)
+def test_lifting_conv_refuses_rectangles(group):
+    """90° rotations do not map a 7×11 grid onto itself: the old layer silently returned a kernel
+    (and initialised a network) that is neither invariant nor the averaged CNN's."""
+    x = np.zeros((2, 7, 11, 3), np.float32)
+    init_fn, apply_fn, kernel_fn = stax.serial(LiftingConv(4, (3, 3), group=group), stax.Relu(), GroupPool(),
+                                               stax.Dense(1))
+    with pytest.raises(ValueError, match="square images"):
+        kernel_fn(x, None, "ntk")
+    with pytest.raises(ValueError, match="square images"):
+        init_fn(jax.random.PRNGKey(0), x.shape)
+    # 180° turns and mirror images keep a rectangle in place: still allowed
+    assert np.all(np.isfinite(stax.serial(LiftingConv(4, (3, 3), group="D2"), stax.Relu(), GroupPool(),
+                                          stax.Dense(1))[2](x + 1, None, "ntk")))
+
+
 # ---------------------------------------------------------------------------------------------
 # (e) Monte Carlo: finite networks approach the analytic NTK; the first-layer NTK is counted once
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ _LANES = 8  # float32 vector width on AVX2; padding the last axis to it keeps XL
 class _Plan:
     """Static shapes of one side of the pair computation."""
 
-    size: int            # input height = width
+    size: int            # input height
     widths: tuple        # per conv layer, the computed output width (incl. alignment columns)
     heights: tuple       # per conv layer, the output height
     valid_width: int     # last layer's true output width
@@ -137,11 +137,30 @@ def valid_width(net: ConvNetSpec, size: int) -> int:
     return _layer_sizes(net, size)[-1]
 
 
-def pooling_weights(net: ConvNetSpec, size: int, valid_width: int, padded_width: int, dtype) -> jnp.ndarray:
-    """Column of averaging weights over the last layer's (H, W_padded) grid; alignment columns get 0."""
-    height = _layer_sizes(net, size)[-1]
-    weights = (jnp.arange(padded_width) < valid_width).astype(dtype) / (height * height * height * valid_width)
+def pooling_weights(net: ConvNetSpec, image_height: int, valid_width: int, padded_width: int, dtype) -> jnp.ndarray:
+    """Column (H_L·W_padded, 1) of the weights of mean_{t,t′} over the last layer's grid of H_L × W_L
+    positions per image: 1/(H_L·W_L)² (each of t, t′ ranges over H_L·W_L positions); alignment columns get 0.
+    """
+    height = _layer_sizes(net, image_height)[-1]
+    weights = (jnp.arange(padded_width) < valid_width).astype(dtype) / (height * valid_width) ** 2
     return jnp.tile(weights, height)[:, None]
+
+
+def check_group_fits_images(group: PlanarGroup, height: int, width: int) -> None:
+    """Refuse a group that does not map an H×W pixel grid onto itself (e.g. 90° rotations of a rectangle).
+
+    Group kernels average over g·x and their GCNN twins assume the grid is invariant under G;
+    for such a group and grid both would be undefined, so a clear error beats a number.
+    """
+    probe = np.zeros((height, width, 1), np.int8)
+    for element in group.elements:
+        try:
+            ok = group.act(probe, element).shape == probe.shape
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{group.name} does not map {height}x{width} px images onto themselves "
+                             f"(element {element}); group kernels need square images")
 
 
 def _pair_pooled(net: ConvNetSpec, weights, p1, s1, p2, s2):
@@ -213,7 +232,8 @@ class PairEvaluator:
         images2 = jnp.asarray(images2, dtype)
         if images1.shape[1:] != images2.shape[1:]:
             raise ValueError(f"image shapes differ: {images1.shape[1:]} vs {images2.shape[1:]}")
-        net.check_input_size(int(images1.shape[1]))
+        for side in images1.shape[1:3]:  # height and width: both shrink under VALID convolutions
+            net.check_input_size(int(side))
         self.net = net
         self.p1, self.s1 = side_features(net, images1, False)
         self.p2, self.s2 = side_features(net, images2, True)

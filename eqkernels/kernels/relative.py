@@ -25,7 +25,8 @@ import numpy as np
 
 from eqkernels.errors import InputError
 from eqkernels.groups import PlanarGroup, get_group
-from eqkernels.kernels.engine import PairEvaluator, default_pairs_per_step, pair_working_set_bytes
+from eqkernels.kernels.engine import (PairEvaluator, check_group_fits_images, default_pairs_per_step,
+                                     pair_working_set_bytes)
 from eqkernels.kernels.spec import ConvNetSpec
 from eqkernels.progress import Meter
 
@@ -154,6 +155,7 @@ def relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None = N
     x1 = np.asarray(x1)
     symmetric = x2 is None
     x2a = x1 if symmetric else np.asarray(x2)
+    check_group_fits_images(group, *x1.shape[1:3])  # before any checkpoint file is written
     n1, n2, order = len(x1), len(x2a), group.order
     inverse = group.inverse
     store = _BlockStore(checkpoint, _fingerprint(net, x1, None if symmetric else x2a, group, dtype))

@@ -59,6 +59,7 @@ from neural_tangents import stax
 from neural_tangents.stax import Bool, Diagonal, layer, requires
 
 from eqkernels.groups import PlanarGroup, get_group
+from eqkernels.kernels.engine import check_group_fits_images
 from eqkernels.kernels.spec import ConvNetSpec
 
 __all__ = ["LiftingConv", "GroupConv", "GroupPool", "gcnn_stax", "cnn_stax", "cross_kernel_via_union",
@@ -285,6 +286,7 @@ def LiftingConv(out_chan: int, filter_shape=(3, 3), group: PlanarGroup | str = "
 
     def init_fn(rng, input_shape):
         n, hh, ww, c_in = input_shape
+        check_group_fits_images(group, hh, ww)
         k1, k2 = random.split(rng)
         w = random.normal(k1, (q, q, c_in, out_chan))
         b = None if b_std is None else random.normal(k2, (out_chan,))
@@ -296,6 +298,7 @@ def LiftingConv(out_chan: int, filter_shape=(3, 3), group: PlanarGroup | str = "
     def apply_fn(params, inputs, **kwargs):
         w, b = params
         n, hh, ww, c_in = inputs.shape
+        check_group_fits_images(group, hh, ww)
         # Output channel (g, c) uses the filter g·w: f(g, t) = Σ_z (g·w)(z) x(t + z).
         filters = jnp.stack([_transform_filter(w, group, g) for g in range(order)], axis=-2)
         out = _conv_nhwc(inputs, filters.reshape(q, q, c_in, order * out_chan), q, padding)
@@ -311,6 +314,8 @@ def LiftingConv(out_chan: int, filter_shape=(3, 3), group: PlanarGroup | str = "
     @requires(batch_axis=0, channel_axis=-1, diagonal_spatial=Diagonal(input=Bool.NO, output=Bool.NO))
     def kernel_fn(k, **kwargs):
         k = _check_kernel(k, "LiftingConv")
+        # The |G|-slot representation needs a grid that G maps onto itself (square for 90° turns).
+        check_group_fits_images(group, k.nngp.shape[2], k.nngp.shape[4])  # (N1, N2, H, H′, W, W′)
         cov2_e = k.cov1 if k.cov2 is None else k.cov2
         nngp_u, ntk_u, cov1_u, cov2_u = _unscaled_maps(k.nngp, k.ntk, k.cov1, cov2_e, mats=mats, q=q,
                                                        padding=padding, lifting=True)
