@@ -25,6 +25,24 @@ import scipy.linalg
 from eqkernels.errors import InputError
 
 
+def check_finite_kernel(k: np.ndarray, which: str) -> None:
+    """Refuse a kernel with NaN or infinite entries (a broken kernel would give NaN predictions)."""
+    bad = ~np.isfinite(k)
+    if np.any(bad):
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(f"the {which} kernel has {int(bad.sum())} NaN or infinite entries (first at {first})")
+
+
+def mean_prediction(k_test_train: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """μ(x) = Θ(x, X) α: (M, N) test×train kernel and dual coefficients (N,) or (N, T) → (M,) or (M, T)."""
+    k = np.asarray(k_test_train, dtype=np.float64)
+    alpha = np.asarray(alpha, dtype=np.float64)
+    if k.ndim != 2 or k.shape[1] != alpha.shape[0]:
+        raise ValueError(f"test kernel {k.shape} and dual coefficients {alpha.shape} do not match")
+    check_finite_kernel(k, "test")
+    return k @ alpha
+
+
 def _regulariser(k_train: np.ndarray, ridge: float) -> float:
     scale = float(np.mean(np.diag(k_train)))
     return ridge * (scale if scale > 0 else 1.0)
@@ -40,8 +58,7 @@ def dual_coefficients(k_train: np.ndarray, y: np.ndarray, *, ridge: float = 1e-6
     y = np.asarray(y, dtype=np.float64)
     if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] != y.shape[0]:
         raise ValueError(f"kernel {k.shape} and targets {y.shape} do not match")
-    if not np.all(np.isfinite(k)):
-        raise InputError("the training kernel has NaN or infinite entries")
+    check_finite_kernel(k, "training")
     n = k.shape[0]
     k = 0.5 * (k + k.T)
     reg = _regulariser(k, ridge)
@@ -102,8 +119,11 @@ class GaussianPosterior:
 
     def variance(self, k_test_diag: np.ndarray, k_test_train: np.ndarray) -> np.ndarray:
         """Posterior variance at test points: (M,) from K(x,x) (M,) and K(x, X) (M, N)."""
-        v = scipy.linalg.solve_triangular(self.cholesky, np.asarray(k_test_train, np.float64).T, lower=True)
-        return np.maximum(np.asarray(k_test_diag, np.float64) - np.sum(v * v, axis=0), 0.0)
+        k_diag, k_cross = np.asarray(k_test_diag, np.float64), np.asarray(k_test_train, np.float64)
+        check_finite_kernel(k_diag, "test self")
+        check_finite_kernel(k_cross, "test")
+        v = scipy.linalg.solve_triangular(self.cholesky, k_cross.T, lower=True)
+        return np.maximum(k_diag - np.sum(v * v, axis=0), 0.0)
 
 
 def centred_one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from eqkernels.groups import get_group
 from eqkernels.kernels import ImageKernel, KernelSpec
 from eqkernels.kernels.families import family_kernels, family_self_kernels, left_translate
 from eqkernels.kernels.relative import RelativeKernels
-from eqkernels.solvers import GaussianPosterior, centred_one_hot, dual_coefficients
+from eqkernels.solvers import GaussianPosterior, centred_one_hot, dual_coefficients, mean_prediction
 from eqkernels.pipelines.histology import Preprocessing, TileSet
 
 MODEL_KIND = "histology-model"
@@ -72,7 +72,7 @@ class HistologyModel:
         if rel.group != family_group.name:
             rel = rel.restrict(family_group)
         kernels = family_kernels(self.spec, rel)
-        scores = kernels["ntk"] @ self.dual_coef
+        scores = mean_prediction(kernels["ntk"], self.dual_coef)
         diag = family_self_kernels(self.spec, rel.self1_nngp, rel.self1_ntk)["nngp"]
         variance = GaussianPosterior(self.posterior_cholesky).variance(diag, kernels["nngp"])
         return Prediction(scores, np.argmax(scores, axis=1), variance)

@@ -28,6 +28,7 @@ from eqkernels.pipelines.qm9io import (NATIVE_UNITS, PROPERTY_NAMES, QM9_PROPERT
                                        read_ase_file, read_qm9_tar, read_qm9_xyz_files, read_qm9pack_csv,
                                        read_qm9pack_npz)
 from eqkernels.so3 import KERNEL_NAMES, AtomKernelSpec, quadrature_error, random_rotations
+from eqkernels.solvers import mean_prediction
 
 __all__ = ["MoleculeSet", "load_molecules", "parse_qm9_xyz", "format_qm9_xyz", "qm9pack_row_to_xyz", "qm9pack_rows",
            "read_qm9pack_csv", "read_qm9pack_npz", "read_ase_db", "read_ase_file", "read_qm9_xyz_files",
@@ -257,7 +258,7 @@ class MoleculeModel:
         if check:
             check_molecules(mols, self.env_spec.elements, max_atoms=self.max_atoms, path=path)
         k = self.test_kernel(mols, progress) if k_test is None else k_test
-        return self.baseline(mols), k @ self.alpha
+        return self.baseline(mols), mean_prediction(k, self.alpha)
 
     def predict(self, mols: MoleculeSet, **kwargs) -> np.ndarray:
         base, learned = self.predict_parts(mols, **kwargs)

@@ -50,7 +50,8 @@ def _gcnn(group, *, depth=2, padding="VALID", b_std=B_STD, param="ntk", channels
         layers += [stax.Dense(3, W_std=1.3, b_std=0.1), stax.Erf()]
     for _ in range(depth - 1):
         layers += [GroupConv(channels, (3, 3), **conv), stax.Relu()]
-    return stax.serial(*layers, GroupPool(), stax.Dense(1, W_std=W_OUT, b_std=b_std, parameterization=param))
+    return stax.serial(*layers, GroupPool(linear_head=True),
+                       stax.Dense(1, W_std=W_OUT, b_std=b_std, parameterization=param))
 
 
 def _cnn_twin(group, *, depth=2, padding="VALID", b_std=B_STD, param="ntk", channels=4, pointwise=False):
@@ -228,8 +229,9 @@ def test_nonlinear_head_breaks_identity_but_matches_engine(group):
 
 
 def test_mlp_head_symmetric_call_without_union_wrapper():
-    """A bare serial(...) with a nonlinear head: exact when x2 is None (pooled variances from the
-    block diagonal), NaN for a cross call (pooled variances unavailable) rather than wrong."""
+    """A bare serial(...) with a nonlinear head: exact when x2 is None or equal to x1 (pooled
+    variances from the block diagonal); a cross call has none and must raise. The old layer
+    returned NaN without an exception (and NaN off-diagonal blocks under nt.batch)."""
     net = ConvNetSpec(readout="mlp", bias_std=0.2)
     q = (3, 3)
     conv = dict(group="C4", W_std=net.weight_std, b_std=0.2)
@@ -241,10 +243,31 @@ def test_mlp_head_symmetric_call_without_union_wrapper():
     ours = kernel_fn(x1, None, ("nngp", "ntk"))
     assert _rel(ours.nngp, ref["nngp"]) < 1e-5 and _rel(ours.ntk, ref["ntk"]) < 1e-5
     assert _rel(kernel_fn(x1, x1, "ntk"), ref["ntk"]) < 1e-5  # x2 equal to x1 (not None)
-    assert np.all(np.isnan(np.asarray(kernel_fn(x1, x2, "nngp"))))
-    # with a linear head the cross call is exact
-    linear = stax.serial(LiftingConv(4, q, **conv), stax.Relu(), GroupPool(), stax.Dense(1))[2]
-    assert np.all(np.isfinite(np.asarray(linear(x1, x2, "ntk"))))
+    with pytest.raises(ValueError, match="cross_kernel_via_union"):
+        kernel_fn(x1, x2, "nngp")
+    with pytest.raises(ValueError, match="x2=None"):  # off-diagonal blocks are cross calls
+        nt.batch(kernel_fn, batch_size=1)(x1, None, "nngp")
+    with pytest.raises(ValueError, match="x2=None"):  # traced: x2 == x1 cannot be decided
+        jax.jit(kernel_fn, static_argnames="get")(x1, x1, get="nngp")
+    # with a linear head, declared, the cross call is exact (checked against the engine)
+    lin = ConvNetSpec(bias_std=0.2)
+    linear = stax.serial(LiftingConv(4, q, **conv), stax.Relu(), GroupConv(4, q, **conv), stax.Relu(),
+                         GroupPool(linear_head=True), stax.Dense(1))[2]
+    engine = ImageKernel(KernelSpec("p4cnn", lin), progress=False)(x1, x2)["ntk"]
+    assert _rel(linear(x1, x2, "ntk"), engine) < 1e-5
+    assert _rel(nt.batch(linear, batch_size=1)(x1, x2, "ntk"), engine) < 1e-5
+
+
+@pytest.mark.parametrize("pool", ["GlobalAvgPool", "GlobalSumPool", "Flatten"])
+def test_nt_spatial_pooling_after_group_layers_is_refused(pool):
+    """nt's own pooling would treat the |G| slots as inputs: an (N1, N2·|G|) kernel without error."""
+    x1, x2 = _images(3, seed=7), _images(2, seed=8)
+    kernel_fn = stax.serial(LiftingConv(4, (3, 3), group="C4"), stax.Relu(), getattr(stax, pool)(),
+                            stax.Dense(1))[2]
+    for args in ((x1, x2), (x1, None)):
+        with pytest.raises(ValueError, match="GroupPool"):
+            kernel_fn(*args, "ntk")
+    # nt's pointwise layers between group layers remain allowed (test_identity_with_nt_pointwise_layers_between)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,3 +86,25 @@ def test_posterior_survives_duplicate_inputs_in_a_float32_kernel(rng):
     assert np.all(np.isfinite(post.cholesky))
     # The variance at a training input stays small next to its prior variance.
     assert post.variance(np.diag(k)[:1].astype(np.float64), k[:1])[0] < 0.05 * k[0, 0]
+
+
+def test_nan_test_kernels_are_refused(rng):
+    """A NaN test kernel used to give NaN predictions and variances without an error (only the
+    training kernel was checked)."""
+    from eqkernels.errors import InputError
+    from eqkernels.solvers import mean_prediction
+
+    k_train, k_test, k_tt, y = make_problem(rng)
+    alpha = dual_coefficients(k_train, y, ridge=1e-3)
+    assert np.allclose(mean_prediction(k_test, alpha), k_test @ alpha, rtol=1e-12)
+    bad = k_test.copy()
+    bad[2, 4] = np.nan
+    with pytest.raises(InputError, match=r"test kernel has 1 NaN or infinite entries \(first at \(2, 4\)\)"):
+        mean_prediction(bad, alpha)
+    post = GaussianPosterior.fit(k_train, ridge=1e-3)
+    with pytest.raises(InputError, match="test kernel"):
+        post.variance(np.diag(k_tt), bad)
+    with pytest.raises(InputError, match="test self kernel"):
+        post.variance(np.where(np.arange(len(k_tt)) == 1, np.inf, np.diag(k_tt)), k_test)
+    with pytest.raises(InputError, match="training kernel"):
+        dual_coefficients(np.where(np.eye(len(k_train)) > 0, np.nan, k_train), y)

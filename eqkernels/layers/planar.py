@@ -42,12 +42,19 @@ Pooled variances. After `GroupPool`, a nonlinear layer needs the pooled variance
 mean_{d,t,t′} F_d for the image *with itself*, which involves every d-slice of x with x, not
 only d = e. nt's `cov1`/`cov2` can only carry objects whose spatial diagonal is the variance,
 so these slices cannot ride there; they are the block diagonal of `nngp` when x2 is None (or
-equal to x1). `GroupPool` takes them from there; for a cross call (x2 ≠ x1) it sets the
-pooled `cov1`/`cov2` to NaN, so a nonlinearity after pooling fails loudly instead of being
-silently wrong. `cross_kernel_via_union` evaluates such networks on the union of both inputs.
+equal to x1). `GroupPool` takes them from there. A cross call (x2 ≠ x1) has no such
+variances, so `GroupPool` refuses it with a ValueError unless it was built with
+`linear_head=True` (only affine layers follow, which never read them; they are then NaN).
+`cross_kernel_via_union` evaluates networks with a nonlinear head on the union of both inputs.
+
+Between the lifting layer and `GroupPool` the kernel is a `GroupFeatureKernel`: nt's elementwise
+layers and `Dense` treat it as an ordinary kernel (correctly), but a layer that removes the
+spatial axes (nt's `GlobalAvgPool`, `GlobalSumPool`, `Flatten`) would read the |G| slots as
+extra inputs and return an (N1, N2·|G|) kernel, so such a layer raises a ValueError instead.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -55,15 +62,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax, random
-from neural_tangents import stax
+from neural_tangents import Kernel, stax
 from neural_tangents.stax import Bool, Diagonal, layer, requires
 
 from eqkernels.groups import PlanarGroup, get_group
 from eqkernels.kernels.engine import check_group_fits_images
 from eqkernels.kernels.spec import ConvNetSpec
 
-__all__ = ["LiftingConv", "GroupConv", "GroupPool", "gcnn_stax", "cnn_stax", "cross_kernel_via_union",
-           "offset_matrices", "act_on_group_features"]
+__all__ = ["LiftingConv", "GroupConv", "GroupPool", "GroupFeatureKernel", "gcnn_stax", "cnn_stax",
+           "cross_kernel_via_union", "offset_matrices", "act_on_group_features"]
 
 _PADDINGS = ("VALID", "SAME", "CIRCULAR")
 _PARAMETERIZATIONS = ("ntk", "standard")
@@ -219,6 +226,37 @@ def _check_kernel(k, name: str):
     return k
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupFeatureKernel(Kernel):
+    """An nt `Kernel` in the virtual-batch layout of features on the group (module docstring).
+
+    Only elementwise layers, `Dense` and the layers of this module may act on it: `replace` refuses
+    a result whose nngp lost the four spatial axes, which is what nt's `GlobalAvgPool`,
+    `GlobalSumPool` and `Flatten` would return — an (N1, N2·|G|) kernel over the group slots.
+    """
+
+    def replace(self, **changes) -> "GroupFeatureKernel":
+        nngp = changes.get("nngp", self.nngp)
+        if nngp is not None and nngp.ndim != 6:
+            raise ValueError(f"features on the group must be pooled with eqkernels.layers.GroupPool (mean over "
+                             f"the group and space); this layer would give a kernel of shape {nngp.shape} "
+                             f"instead of (N1, N2) (nt's GlobalAvgPool/Flatten see the |G| slots as inputs)")
+        return dataclasses.replace(self, **changes)
+
+
+_KERNEL_DATA = tuple(f.name for f in dataclasses.fields(Kernel) if f.metadata.get("pytree_node", True))
+_KERNEL_META = tuple(f.name for f in dataclasses.fields(Kernel) if not f.metadata.get("pytree_node", True))
+# A pytree like nt's Kernel (nt registers the class itself, not its subclasses), so it passes jit.
+jax.tree_util.register_pytree_node(
+    GroupFeatureKernel,
+    lambda k: (tuple(getattr(k, n) for n in _KERNEL_DATA), tuple(getattr(k, n) for n in _KERNEL_META)),
+    lambda meta, data: GroupFeatureKernel(**dict(zip(_KERNEL_META, meta)), **dict(zip(_KERNEL_DATA, data))))
+
+
+def _kernel_fields(k) -> dict:
+    return {f.name: getattr(k, f.name) for f in dataclasses.fields(Kernel)}
+
+
 def _linear_update(k, nngp_u, ntk_u, cov1_u, cov2_u, *, w_std, b_std, parameterization, fan_in):
     """nt's Conv update given the unscaled maps (1/q² Σ_z …) of nngp, ntk, cov1 and cov2.
 
@@ -238,8 +276,9 @@ def _linear_update(k, nngp_u, ntk_u, cov1_u, cov2_u, *, w_std, b_std, parameteri
             ntk = nngp + w_std ** 2 * ntk_u
         else:
             ntk = fan_in * nngp_u + w_std ** 2 * ntk_u + (1.0 if b_std is not None else 0.0)
-    return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=True, is_reversed=False,
-                     is_input=False, batch_axis=0, channel_axis=4)
+    return GroupFeatureKernel(**{**_kernel_fields(k), **dict(
+        nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=True, is_reversed=False, is_input=False,
+        batch_axis=0, channel_axis=4)})
 
 
 def _check_args(filter_shape, padding, parameterization):
@@ -391,13 +430,16 @@ def GroupConv(out_chan: int, filter_shape=(3, 3), group: PlanarGroup | str = "C4
 
 
 @layer
-def GroupPool():
+def GroupPool(linear_head: bool = False):
     """Invariant pooling: (N, H, W, |G|, C) → (N, C), the mean over the group and both spatial axes.
 
     Kernel: nngp/ntk (N1, N2·|G|, H, H′, W, W′) → mean over space and the |G| slots → (N1, N2).
     The pooled variances (`cov1` (N1,), `cov2` (N2,)) are mean_{d,t,t′} of the slices of each
-    image with itself; they are read off the block diagonal of nngp when x1 is x2 and are NaN
-    otherwise (see the module docstring).
+    image with itself; they are read off the block diagonal of nngp when x1 is x2 (x2=None, or
+    x2 equal to x1 outside jit). A cross call has none, and a nonlinear layer after the pooling
+    would turn that into NaN, so it raises a ValueError — unless `linear_head=True` says that only
+    affine layers (stax.Dense) follow, which never read them (they are then NaN). For a nonlinear
+    head use `cross_kernel_via_union`.
     """
 
     def init_fn(rng, input_shape):
@@ -423,20 +465,44 @@ def GroupPool():
             return jnp.mean(x, axis=(2, 3, 4, 5)).reshape(n1, n2, order).mean(-1)
 
         slots = jnp.mean(k.nngp, axis=(2, 3, 4, 5)).reshape(n1, n2, order)
-        nngp = slots.mean(-1)
-        ntk = pool(k.ntk)
-        if n1 == n2:
-            idx = jnp.arange(n1)
-            own = slots[idx, idx].mean(-1)  # x_n with itself, averaged over the relative element d
-            var = jnp.where(jnp.asarray(k.x1_is_x2), own, jnp.nan)
-            cov1, cov2 = var, var
-        else:
-            cov1 = jnp.full((n1,), jnp.nan, nngp.dtype)
-            cov2 = jnp.full((n2,), jnp.nan, nngp.dtype)
-        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_reversed=False, batch_axis=0,
-                         channel_axis=1)
+        cov1, cov2 = _pooled_variances(slots, k.x1_is_x2, linear_head)
+        # A plain nt Kernel again: what follows sees an ordinary (N1, N2) kernel.
+        return Kernel(**{**_kernel_fields(k), **dict(
+            nngp=slots.mean(-1), ntk=pool(k.ntk), cov1=cov1, cov2=cov2, is_reversed=False, batch_axis=0,
+            channel_axis=1)})
 
     return init_fn, apply_fn, kernel_fn
+
+
+def _concrete_bool(flag) -> bool | None:
+    """`flag` as a Python bool, or None when it is only known at run time (traced under jit / nt.batch)."""
+    try:
+        return bool(flag)
+    except jax.errors.ConcretizationTypeError:
+        return None
+
+
+def _pooled_variances(slots, x1_is_x2, linear_head: bool):
+    """Pooled self variances (cov1 (N1,), cov2 (N2,)) from the pooled slots (N1, N2, |G|) of a call.
+
+    Symmetric calls read them off the diagonal; other calls raise unless `linear_head` (then NaN).
+    """
+    n1, n2, _ = slots.shape
+    same = _concrete_bool(x1_is_x2) if n1 == n2 else False
+    if same is None and linear_head:  # decided at run time; only affine layers follow, NaN is harmless
+        own = slots[jnp.arange(n1), jnp.arange(n1)].mean(-1)
+        var = jnp.where(jnp.asarray(x1_is_x2), own, jnp.nan)
+        return var, var
+    if same:
+        own = slots[jnp.arange(n1), jnp.arange(n1)].mean(-1)  # x_n with itself, averaged over d
+        return own, own
+    if linear_head:
+        return jnp.full((n1,), jnp.nan, slots.dtype), jnp.full((n2,), jnp.nan, slots.dtype)
+    why = ("x2 is not x1" if same is False else
+           "under jit (or nt.batch) GroupPool cannot tell whether x2 is x1; pass x2=None for K(x, x)")
+    raise ValueError(f"GroupPool: a cross kernel ({why}) lacks the pooled variances a nonlinear layer after "
+                     "the pooling needs; wrap the network's kernel_fn in eqkernels.layers.cross_kernel_via_union, "
+                     "or build GroupPool(linear_head=True) if only linear layers (stax.Dense) follow")
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,8 +546,9 @@ def gcnn_stax(net: ConvNetSpec, group: PlanarGroup | str = "C4", readout_width: 
     layers = [LiftingConv(net.channels, q, **common), stax.Relu()]
     for _ in range(net.depth - 1):
         layers += [GroupConv(net.channels, q, **common), stax.Relu()]
-    init_fn, apply_fn, kernel_fn = stax.serial(*layers, GroupPool(), *_readout(net, readout_width))
-    if net.readout != "linear":
+    linear = net.readout == "linear"
+    init_fn, apply_fn, kernel_fn = stax.serial(*layers, GroupPool(linear_head=linear), *_readout(net, readout_width))
+    if not linear:
         kernel_fn = cross_kernel_via_union(kernel_fn)
     return init_fn, apply_fn, kernel_fn
 
