@@ -111,14 +111,25 @@ def test_left_translate_matches_direct_computation(rng):
                            family_kernels(KernelSpec(name, net), direct)["ntk"]) < 1e-5
 
 
-def test_gcnn_equals_average_with_linear_readout_only(rng):
-    x1, x2 = rng.standard_normal((2, 9, 9, 3)), rng.standard_normal((2, 9, 9, 3))
-    lin = ConvNetSpec()
-    assert rel_err(ImageKernel(KernelSpec("p4cnn", lin), progress=False)(x1, x2)["ntk"],
-                   ImageKernel(KernelSpec("cnn-c4avg", lin), progress=False)(x1, x2)["ntk"]) < 1e-6
-    mlp = ConvNetSpec(readout="mlp")
-    assert rel_err(ImageKernel(KernelSpec("p4cnn", mlp), progress=False)(x1, x2)["ntk"],
-                   ImageKernel(KernelSpec("cnn-c4avg", mlp), progress=False)(x1, x2)["ntk"]) > 1e-4
+def test_gcnn_kernel_equals_stax_gcnn_and_averaged_cnn(rng):
+    """The engine's `p4cnn` (linear readout) against two independent references: the
+    group-convolutional stax layers (`gcnn_stax`, themselves tested against nt's CNN) and nt's CNN
+    averaged over g·x2 explicitly (Misof et al. Thm 4.1). The nonlinear head, where only the
+    pooled kernels obey the identity, is checked in test_layers_planar
+    (test_nonlinear_head_breaks_identity_but_matches_engine). 1e-5: the float32 bound of the tests
+    above (measured ≤ 1e-6 here).
+    """
+    from eqkernels.layers import gcnn_stax
+
+    c4 = get_group("C4")
+    x1, x2 = rng.standard_normal((2, 7, 7, 3)).astype(np.float32), rng.standard_normal((2, 7, 7, 3)).astype(np.float32)
+    net = ConvNetSpec(bias_std=0.1, readout_bias_std=0.2)
+    ours = ImageKernel(KernelSpec("p4cnn", net), progress=False)(x1, x2)
+    layers = gcnn_stax(net, c4)[2](x1, x2, ("nngp", "ntk"))
+    orbit = nt_cnn_kernel_fn(net)(x1, np.concatenate([c4.act(x2, g) for g in c4.elements]), ("nngp", "ntk"))
+    for name in ("nngp", "ntk"):
+        assert rel_err(ours[name], getattr(layers, name)) < 1e-5, name
+        assert rel_err(ours[name], np.asarray(getattr(orbit, name)).reshape(2, 4, 2).mean(1)) < 1e-5, name
 
 
 def test_zero_images_give_finite_kernels():
