@@ -185,11 +185,9 @@ def test_wide_centred_ensemble_approaches_the_kernel_mean_prediction(small_tiles
     assert distance[(256, False)] > 3 * distance[(256, True)]
 
 
-@pytest.mark.slow
-def test_wide_augmented_ensemble_follows_the_averaged_kernel(stripe_task):
-    """The time convention of augmentation: learning rate η/|G| on the |G|·N augmented inputs gives the
-    averaged kernel's μ_k at rate η. Centred networks of width 512 land near μ_k of `cnn-c4avg`, far
-    from that of `cnn` (the stripes make the two differ)."""
+def _augmented_ensemble_distances(stripe_task, width: int, seed: int = 0) -> tuple[float, float]:
+    """Distances of a centred, C4-augmented ensemble's mean (4 members, 20 steps at η/4) to μ_k of
+    `cnn-c4avg` and of `cnn` at rate η."""
     x, y, x_test, _, eta = stripe_task
     steps = 20
     mus = {}
@@ -197,10 +195,30 @@ def test_wide_augmented_ensemble_follows_the_averaged_kernel(stripe_task):
         kernel = ImageKernel(name, progress=False)
         alpha = dual_coefficients(kernel(x, get="ntk"), y, ridge=0.0, time=steps, learning_rate=eta, discrete=True)
         mus[name] = kernel(x_test, x, get="ntk") @ alpha
-    spec = EnsembleSpec(net=ConvNetSpec(channels=512), n_outputs=2, members=4, steps=steps, learning_rate=eta / 4,
-                        augment="C4", centred=True)
+    spec = EnsembleSpec(net=ConvNetSpec(channels=width), n_outputs=2, members=4, steps=steps, learning_rate=eta / 4,
+                        augment="C4", centred=True, seed=seed)
     mean = train(spec, x, y, progress=False).mean(x_test)
-    to_avg, to_plain = (metrics.relative_distance(mean, mus[k]) for k in ("cnn-c4avg", "cnn"))
+    return tuple(metrics.relative_distance(mean, mus[k]) for k in ("cnn-c4avg", "cnn"))
+
+
+def test_augmented_ensemble_follows_the_averaged_kernel_reduced(stripe_task):
+    """Default-run version of the slow check below, at width 128 instead of 512.
+
+    μ_k of `cnn` and `cnn-c4avg` are 0.42 apart here. Measured over member seeds 0–3: distance to
+    `cnn-c4avg` 0.064–0.15, to `cnn` 0.33–0.36 (ratio 2.3–5.2). Bounds: < 0.25 to the averaged
+    kernel and less than 0.6× the distance to the plain one (~1.5× margin on the worst seed).
+    """
+    to_avg, to_plain = _augmented_ensemble_distances(stripe_task, 128)
+    print("augmented ensemble (width 128): distance to cnn-c4avg", to_avg, "to cnn", to_plain)
+    assert to_avg < 0.25 and to_avg < 0.6 * to_plain
+
+
+@pytest.mark.slow
+def test_wide_augmented_ensemble_follows_the_averaged_kernel(stripe_task):
+    """The time convention of augmentation: learning rate η/|G| on the |G|·N augmented inputs gives the
+    averaged kernel's μ_k at rate η. Centred networks of width 512 land near μ_k of `cnn-c4avg`, far
+    from that of `cnn` (the stripes make the two differ)."""
+    to_avg, to_plain = _augmented_ensemble_distances(stripe_task, 512)
     print("augmented ensemble: distance to cnn-c4avg", to_avg, "to cnn", to_plain)
     assert to_avg < 0.1 and to_plain > 3 * to_avg
 
