@@ -153,3 +153,23 @@ def anisotropy(tensors: np.ndarray) -> np.ndarray:
     a = np.asarray(tensors, np.float64)
     dev = a - isotropic_part(a)[..., None, None] * np.eye(3)
     return np.sqrt(1.5 * np.sum(dev * dev, axis=(-2, -1)))
+
+
+def block_quadrature_error(spec: AtomKernelSpec, degrees: tuple[int, ...], x1, x2, *,
+                           reference_degree: int | None = None) -> dict[int, float]:
+    """Per output degree λ, the relative quadrature error of the per-atom NTK block:
+    max |Θ_λ,B − Θ_λ,ref| / max |Θ_λ,ref|, the reference at degree B + 8 (float64; x1, x2 (n, C, M)).
+
+    The λ ≥ 1 blocks are smaller than λ = 0 and their integrand carries D^λ, so at a given B their
+    relative error is larger than the invariant kernel's (`eqkernels.so3.quadrature_error`).
+    """
+    from dataclasses import replace
+
+    x1, x2 = np.asarray(x1, np.float64), np.asarray(x2, np.float64)
+    l_max = int(round(np.sqrt(x1.shape[-1]))) - 1
+    ref = replace(spec, quadrature_degree=reference_degree or spec.quadrature_degree + 8)
+    with jax.experimental.enable_x64():
+        a = EquivariantAtomKernel(spec, l_max, degrees, jnp.float64)(x1, x2)["ntk"]
+        b = EquivariantAtomKernel(ref, l_max, degrees, jnp.float64)(x1, x2)["ntk"]
+    return {lam: float(np.max(np.abs(a[..., sl] - b[..., sl])) / np.max(np.abs(b[..., sl])))
+            for lam, sl in block_offsets(degrees).items()}
