@@ -9,7 +9,8 @@ environments, L = 3, 12 Gaussian radial channels):
   molecule's principal-axes frame (Z-weighted second moments, axes signed by the third moment, det +1),
   rotated back;
 - `mlp-augmented`: the non-invariant `mlp` kernel predicting the six components, trained on `--augment`
-  randomly rotated copies of each training molecule (tensors rotated with them).
+  randomly rotated copies of each training molecule (tensors rotated with them);
+- `isotropic-oracle` (reference, no training): the true isotropic part and no anisotropy.
 
 MAE in bohr³ per component, of the isotropic part and of the anisotropy, on the test set as stored and on
 randomly rotated copies (tensors rotated). Usage:
@@ -96,6 +97,9 @@ def _run_size(name, n, mols, perm, test, moved, degree, augment):
 
     train = mols.subset(perm[:n])
     t0 = time.perf_counter()
+    if name == "isotropic-oracle":     # reference, no model: the true isotropic part, no anisotropy
+        return [tensor_summary(a)["isotropic"][:, None, None] * np.eye(3)
+                for a in (target_tensors(test, "polarizability"), target_tensors(moved, "polarizability"))], 0.0
     if name == "equivariant":
         model = fit_tensor_model(train, kernel_spec=AtomKernelSpec("mlp-so3avg", quadrature_degree=degree),
                                  progress=False)
