@@ -27,7 +27,8 @@ def train(
     out: Path = typer.Option(..., "--out", help="Model file to write (HDF5)."),
     data: Optional[str] = typer.Option(None, "--data", help="QM9 data: qm9pack CSV(.xz)/npz, ASE db, QM9 xyz folder "
                                        "or archive, or 'qm9pack'. Default: the bundled 2,000-molecule sample."),
-    target: str = typer.Option("U0", "--target", help="Property: U0 U H G homo lumo gap zpve mu alpha r2 Cv A B C."),
+    target: str = typer.Option("U0", "--target", help="Property: U0 U H G homo lumo gap zpve mu alpha r2 Cv A B C, "
+                               "or a symmetric tensor: polarizability (or any tensor property of the data by name)."),
     kernel: str = typer.Option("so3gcnn", "--kernel", help="mlp | mlp-so3avg | so3gcnn."),
     n_train: int = typer.Option(200, "--n-train", help="Training molecules (a fixed random split)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split."),
@@ -52,6 +53,12 @@ def train(
     except ValueError as e:
         raise InputError(str(e)) from None
     path = data or str(mp.default_data_path())
+    from eqkernels.pipelines.molecules_tensor import is_tensor_target
+
+    if is_tensor_target(target):
+        from eqkernels.apps.molecules_tensor import train_tensor
+
+        return train_tensor(out, path, target, kernel, n_train, seed, unit, env, spec, ridge, max_atoms)
     mols = mp.load_molecules(path)
     train_idx, _ = mp.split_indices(len(mols), n_train, None, seed)
     model = mp.fit_model(mols.subset(train_idx), target, kernel, unit=unit, env_spec=env, kernel_spec=spec,
@@ -79,7 +86,12 @@ def predict(
     mp = _pipeline()
     from eqkernels import store
     from eqkernels.molecule_ensembles import MOLECULE_ENSEMBLE_KIND
+    from eqkernels.pipelines.molecules_tensor import TENSOR_MODEL_KIND
 
+    if store.kind_of(model_path) == TENSOR_MODEL_KIND:
+        from eqkernels.apps.molecules_tensor import predict_tensor
+
+        return predict_tensor(model_path, files, as_json, unit)
     if store.kind_of(model_path) == MOLECULE_ENSEMBLE_KIND:
         from eqkernels.pipelines.molecules_compare import ensemble_file_info, predict_with_ensemble
 
@@ -123,8 +135,16 @@ def report(
     n_test: int = typer.Option(300, "--n-test", help="Held-out molecules to evaluate (not in the training set)."),
     seed: int = typer.Option(1, "--seed", help="Seed for choosing test molecules and random rotations."),
 ):
-    """Held-out MAE/RMSE, MAE on randomly rotated copies, invariance error and a learning curve."""
+    """Held-out MAE/RMSE, MAE on randomly rotated copies, invariance error and a learning curve
+    (tensor models: MAE per component, of the isotropic part and anisotropy, equivariance error)."""
     mp = _pipeline()
+    from eqkernels import store
+    from eqkernels.pipelines.molecules_tensor import TENSOR_MODEL_KIND
+
+    if store.kind_of(model_path) == TENSOR_MODEL_KIND:
+        from eqkernels.apps.molecules_tensor import report_tensor
+
+        return report_tensor(model_path, out, data, n_test, seed)
     model = mp.load_model(model_path)
     path = data or model.meta.get("data") or str(mp.default_data_path())
     mols = mp.load_molecules(path)

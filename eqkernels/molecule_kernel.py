@@ -13,6 +13,10 @@ padded tiles count zero) and added to those molecules' rows and columns. Numberi
 present in a tile, rather than counting from its first one, keeps molecules without atoms (a
 mask row that is all False) from pushing later molecules of the tile out of the one-hot range.
 For a symmetric training matrix only tiles j ≥ i are computed.
+
+With `output_degrees` the per-atom kernel is matrix-valued (`eqkernels.so3_equivariant`): every entry
+becomes a flat block of the degree-λ matrices, (N1, N2, Σ(2λ+1)²), summed over atom pairs the same way;
+then K(B, A) = K(A, B)ᵀ block by block, which the symmetric case uses.
 """
 from __future__ import annotations
 
@@ -44,16 +48,21 @@ def _default_tile(spec: AtomKernelSpec) -> int:
 
 
 @lru_cache(maxsize=32)
-def _compiled(spec: AtomKernelSpec, l_max: int, tile: int, dtype):
+def _compiled(spec: AtomKernelSpec, l_max: int, tile: int, dtype, output_degrees: tuple[int, ...] | None = None):
     """The atom kernel and its jitted tile contraction, shared by every MoleculeKernel of the same
     configuration (so fitting, evaluating and predicting compile once per process)."""
-    atom_kernel = AtomKernel(spec, l_max, dtype=dtype)
+    if output_degrees is None:
+        atom_kernel = AtomKernel(spec, l_max, dtype=dtype)
+    else:
+        from eqkernels.so3_equivariant import EquivariantAtomKernel
+
+        atom_kernel = EquivariantAtomKernel(spec, l_max, output_degrees, dtype=dtype)
 
     def contract(p1, p2, local1, local2):
-        nngp, ntk = atom_kernel.pair(p1, p2)
+        nngp, ntk = atom_kernel.pair(p1, p2)                  # (t, t) or (t, t, block)
         e1 = jax.nn.one_hot(local1, tile, dtype=nngp.dtype)   # −1 (padding) gives a zero row
         e2 = jax.nn.one_hot(local2, tile, dtype=nngp.dtype)
-        return e1.T @ nngp @ e2, e1.T @ ntk @ e2
+        return tuple(jnp.einsum("ia,ij...,jb->ab...", e1, k, e2) for k in (nngp, ntk))
 
     return atom_kernel, jax.jit(contract)
 
@@ -62,10 +71,11 @@ class MoleculeKernel:
     """All-pairs molecule kernel of a per-atom kernel; call with flat atoms sorted by molecule."""
 
     def __init__(self, spec: AtomKernelSpec, l_max: int, *, tile: int | None = None, dtype=jnp.float32,
-                 progress: bool | None = True):
+                 progress: bool | None = True, output_degrees: tuple[int, ...] | None = None):
         self.spec = spec
         self.tile = int(tile or _default_tile(spec))
-        self.atom_kernel, self._contract = _compiled(spec, l_max, self.tile, dtype)
+        self.output_degrees = None if output_degrees is None else tuple(output_degrees)
+        self.atom_kernel, self._contract = _compiled(spec, l_max, self.tile, dtype, self.output_degrees)
         self.dtype = dtype
         self.progress = progress
         self.last_seconds = 0.0
@@ -91,7 +101,8 @@ class MoleculeKernel:
 
     def __call__(self, x1: np.ndarray, mol1: np.ndarray, n1: int, x2: np.ndarray | None = None,
                  mol2: np.ndarray | None = None, n2: int | None = None, *, description: str | None = None):
-        """{'nngp': (N1, N2), 'ntk': (N1, N2)} float64; x2=None computes the symmetric K(X1, X1)."""
+        """{'nngp': (N1, N2), 'ntk': (N1, N2)} float64 ((N1, N2, block) with output degrees);
+        x2=None computes the symmetric K(X1, X1)."""
         start = time.perf_counter()
         x1, mol1 = np.asarray(x1), np.asarray(mol1, dtype=np.int64)
         symmetric = x2 is None
@@ -104,7 +115,8 @@ class MoleculeKernel:
             if len(m) and (m.min() < 0 or m.max() >= n):
                 raise ValueError(f"molecule indices must lie in 0..{n - 1}")
         t = self.tile
-        out = {k: np.zeros((n1, n2)) for k in ("nngp", "ntk")}
+        block = () if self.output_degrees is None else (self.atom_kernel.block_size,)
+        out = {k: np.zeros((n1, n2) + block) for k in ("nngp", "ntk")}
         if len(x1) and len(x2):
             tiles1 = self._tiles(x1, mol1)
             tiles2 = tiles1 if symmetric else self._tiles(x2, mol2)
@@ -125,9 +137,17 @@ class MoleculeKernel:
             self.last_atom_pairs = len(pairs) * t * t
         result = out
         if symmetric:
-            result = {k: v + v.T for k, v in result.items()}
+            result = {k: v + self._transposed(v) for k, v in result.items()}
         self.last_seconds = time.perf_counter() - start
         return result
+
+    def _transposed(self, v: np.ndarray) -> np.ndarray:
+        """K(B, A) from K(A, B): swap the molecule axes and, for matrix blocks, transpose each block."""
+        if self.output_degrees is None:
+            return v.T
+        from eqkernels.so3_equivariant import block_transpose
+
+        return v.swapaxes(0, 1)[..., block_transpose(self.output_degrees)]
 
     @staticmethod
     def _flush(pending, out, symmetric):

@@ -359,8 +359,13 @@ def _identity_flat(l_max: int) -> np.ndarray:
     return np.concatenate([np.eye(2 * l + 1).ravel() for l in range(l_max + 1)])
 
 
-def so3gcnn_kernels(spec: AtomKernelSpec, x1, x2, var1, var2, wigner, weights, filter_band_limit: int):
-    """`so3gcnn`: pooled (nngp, ntk), each (n1, n2). var1/var2 from `gcnn_self_variances`."""
+def so3gcnn_kernels(spec: AtomKernelSpec, x1, x2, var1, var2, wigner, weights, filter_band_limit: int, pool=None):
+    """`so3gcnn`: pooled (nngp, ntk), each (n1, n2). var1/var2 from `gcnn_self_variances`.
+
+    pool: the readout's weights on the grid, default the Haar weights (Q,) (invariant pooling); a
+    (Q, P) matrix w_q D^λ(G_q) gives a degree-λ readout, (n1, n2, P) (`eqkernels.so3_equivariant`).
+    """
+    pool = weights if pool is None else pool
     l_max = _l_max_of(x1)
     pf = n_fourier(filter_band_limit)
     wigner_f, mult_f = wigner[:, :pf], jnp.asarray(degree_multiplicities(filter_band_limit), wigner.dtype)
@@ -373,8 +378,9 @@ def so3gcnn_kernels(spec: AtomKernelSpec, x1, x2, var1, var2, wigner, weights, f
         theta = k + sw2 * _band_project(kd * theta, wigner_f, weights, mult_f)
     kt, kd = moments(spec.activation, k, var1[-1][:, None, None], var2[-1][None, :, None])
     ro2, rb2 = spec.readout_weight_std ** 2, spec.readout_bias_std ** 2
-    nngp = ro2 * (kt @ weights) + rb2
-    ntk = nngp + ro2 * ((kd * theta) @ weights)
+    # Σ_q pool_q = Σ_q w_q D^λ(G_q) = δ_λ0: the readout bias reaches the invariant output only
+    nngp = ro2 * (kt @ pool) + rb2 * jnp.sum(pool, axis=0)
+    ntk = nngp + ro2 * ((kd * theta) @ pool)
     return nngp, ntk
 
 

@@ -339,6 +339,93 @@ def installed_qm9pack_files() -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Tensor properties: the QM9 polarizability tensor (qm9pack's qm9_polarizability.csv)
+
+TENSOR_COMPONENTS = ("xx", "xy", "yy", "xz", "yz", "zz")     # the six of a symmetric tensor, qm9pack's order
+_LOWER_COMPONENTS = {"yx": "xy", "zx": "xz", "zy": "yz"}     # accepted, must equal their mirror
+TENSOR_NATIVE_UNITS = {"polarizability": "a0^3"}             # bohr³
+POLARIZABILITY_GLOB = "qm9_polarizability*.csv*"
+
+
+def tensor_property_names(name: str) -> tuple[str, ...]:
+    """The six property keys of a symmetric tensor target, e.g. polarizability_xx … polarizability_zz."""
+    return tuple(f"{name}_{c}" for c in TENSOR_COMPONENTS)
+
+
+def tensor_values(mols: MoleculeSet, name: str) -> np.ndarray | None:
+    """(N, 3, 3) symmetric tensors of a tensor property (NaN where absent), or None if the data lacks it."""
+    keys = tensor_property_names(name)
+    if not all(k in mols.properties for k in keys):
+        return None
+    xx, xy, yy, xz, yz, zz = (np.asarray(mols.properties[k], np.float64) for k in keys)
+    return np.stack([np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1), np.stack([xz, yz, zz], -1)], -2)
+
+
+def _gdb_index_of(row: dict, row_no: int, path) -> int:
+    """The QM9 index of a row: the Index column, else the number in XYZ_file (dsgdb9nsd_000025.xyz → 25)."""
+    try:
+        if row.get("Index"):
+            return int(row["Index"])
+        return int(Path(row["XYZ_file"].strip('"')).stem.split("_")[-1])
+    except (KeyError, ValueError, AttributeError):
+        raise InputError(f"line {row_no}: no molecule index (Index or XYZ_file dsgdb9nsd_NNNNNN.xyz)", path) from None
+
+
+def read_tensor_csv(path: str | Path, prefix: str = "A") -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric tensors per QM9 molecule from a CSV with columns XYZ_file (or Index) and {prefix}_xx … _zz.
+
+    Returns (gdb indices (n,), tensors (n, 3, 3) float64). If lower-triangle columns (A_yx, A_zx, A_zy)
+    are present as well, each must equal its mirror (to 1e-6 relative); a non-symmetric tensor is refused.
+    """
+    text = _read_text(path)
+    reader = csv.DictReader(io.StringIO(text))
+    fields = set(reader.fieldnames or [])
+    missing = [f"{prefix}_{c}" for c in TENSOR_COMPONENTS if f"{prefix}_{c}" not in fields]
+    if missing:
+        raise InputError(f"not a tensor CSV: missing columns {', '.join(missing)}", path)
+    lower = {lo: up for lo, up in _LOWER_COMPONENTS.items() if f"{prefix}_{lo}" in fields}
+    indices, tensors = [], []
+    for row_no, row in enumerate(reader, start=2):
+        try:
+            v = {c: float(row[f"{prefix}_{c}"]) for c in (*TENSOR_COMPONENTS, *lower)}
+        except (TypeError, ValueError):
+            raise InputError(f"line {row_no}: tensor components must be numbers", path) from None
+        for lo, up in lower.items():
+            if abs(v[lo] - v[up]) > 1e-6 * max(1.0, abs(v[up]), abs(v[lo])):
+                raise InputError(f"line {row_no}: the tensor is not symmetric ({prefix}_{up} = {v[up]:g}, "
+                                 f"{prefix}_{lo} = {v[lo]:g}); a symmetric tensor is expected", path)
+        indices.append(_gdb_index_of(row, row_no, path))
+        tensors.append([[v["xx"], v["xy"], v["xz"]], [v["xy"], v["yy"], v["yz"]], [v["xz"], v["yz"], v["zz"]]])
+    if not indices:
+        raise InputError("the tensor CSV holds no rows", path)
+    return np.array(indices, dtype=np.int64), np.array(tensors, dtype=np.float64).reshape(-1, 3, 3)
+
+
+def attach_tensor(mols: MoleculeSet, path: str | Path, name: str = "polarizability", prefix: str = "A") -> MoleculeSet:
+    """Add a tensor property to QM9 molecules (matched by gdb index; NaN for molecules without a row), in place."""
+    indices, tensors = read_tensor_csv(path, prefix)
+    if "gdb_index" not in mols.extras:
+        raise InputError("these molecules carry no QM9 index to match tensor rows to", mols.source)
+    where = {int(i): k for k, i in enumerate(indices)}
+    rows = np.array([where.get(int(g), -1) for g in mols.extras["gdb_index"]])
+    t = np.where((rows >= 0)[:, None, None], tensors[np.maximum(rows, 0)], np.nan) if len(rows) else np.zeros((0, 3, 3))
+    for key, (i, j) in zip(tensor_property_names(name), ((0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 2))):
+        mols.properties[key] = t[:, i, j].copy()
+    return mols
+
+
+def polarizability_file_beside(path: str | Path) -> Path | None:
+    """qm9pack's polarizability CSV next to QM9 data (the data's folder or its qm9pack_v1.0.3/), if any."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder, folder / "qm9pack_v1.0.3"):
+        found = sorted(candidate.glob(POLARIZABILITY_GLOB)) if candidate.is_dir() else []
+        if found:
+            return found[0]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # ASE databases and other ASE files
 
 def _decode_db_value(value) -> float:
@@ -426,7 +513,19 @@ def load_molecules(path: str | Path, limit: int | None = None) -> MoleculeSet:
     - *.csv / *.csv.xz: qm9pack CSV; *.npz: qm9pack compact npz; *.db: ASE database;
     - *.tar, *.tar.bz2, *.tgz…: archive of QM9 xyz files;
     - *.xyz in the QM9 layout ("gdb" on line 2); anything else ASE reads.
+
+    QM9 molecules (qm9pack CSV/npz, xyz) also get the polarizability tensor (properties
+    polarizability_xx … _zz, bohr³) when qm9pack's qm9_polarizability CSV lies beside them.
     """
+    mols = _load_molecules(path, limit)
+    beside = None if str(path) == "qm9pack" or "gdb_index" not in mols.extras else polarizability_file_beside(path)
+    if beside is not None:
+        attach_tensor(mols, beside, "polarizability", "A")
+    return mols
+
+
+def _load_molecules(path: str | Path, limit: int | None = None) -> MoleculeSet:
+    """`load_molecules` without the tensor properties that may lie beside the data."""
     if str(path) == "qm9pack":
         files = installed_qm9pack_files()
         if not files:
