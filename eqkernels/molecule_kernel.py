@@ -8,11 +8,8 @@ rotations. The ENTK authors' molecule kernel pairs atom i of A only with atom i 
 atom slot), which depends on the atom order; this one does not.
 
 Atoms are processed in tiles of `tile` atoms: each tile pair's atom kernel is contracted with the
-tiles' molecule memberships (one-hot over the molecules present in the tile, so padding atoms and
-padded tiles count zero) and added to those molecules' rows and columns. Numbering the molecules
-present in a tile, rather than counting from its first one, keeps molecules without atoms (a
-mask row that is all False) from pushing later molecules of the tile out of the one-hot range.
-For a symmetric training matrix only tiles j ≥ i are computed.
+tiles' molecule memberships (one-hot, so padding atoms and padded tiles count zero) and added to the
+molecule matrix. For a symmetric training matrix only tiles j ≥ i are computed.
 """
 from __future__ import annotations
 
@@ -72,7 +69,7 @@ class MoleculeKernel:
         self.last_atom_pairs = 0
 
     def _tiles(self, x, mol):
-        """Per tile: prepared atom data, local molecule numbers (t,) (−1: padding), molecule indices (≤ t,)."""
+        """Per tile: prepared atom data, local molecule ids, first molecule index."""
         t = self.tile
         n = len(x)
         pad = (-n) % t if n else t
@@ -81,12 +78,9 @@ class MoleculeKernel:
         tiles = []
         for s in range(0, len(xp), t):
             m = mp[s:s + t]
-            real = m >= 0
-            molecules, numbers = np.unique(m[real], return_inverse=True)  # at most t molecules per tile
-            local = np.full(t, -1, np.int32)
-            local[real] = numbers
-            tiles.append((self.atom_kernel.prepare(jnp.asarray(xp[s:s + t], self.dtype)), jnp.asarray(local),
-                          molecules))
+            first = int(m[m >= 0].min()) if np.any(m >= 0) else 0
+            local = np.where(m >= 0, m - first, -1).astype(np.int32)
+            tiles.append((self.atom_kernel.prepare(jnp.asarray(xp[s:s + t], self.dtype)), jnp.asarray(local), first))
         return tiles
 
     def __call__(self, x1: np.ndarray, mol1: np.ndarray, n1: int, x2: np.ndarray | None = None,
@@ -104,7 +98,7 @@ class MoleculeKernel:
             if len(m) and (m.min() < 0 or m.max() >= n):
                 raise ValueError(f"molecule indices must lie in 0..{n - 1}")
         t = self.tile
-        out = {k: np.zeros((n1, n2)) for k in ("nngp", "ntk")}
+        out = {k: np.zeros((n1 + t, n2 + t)) for k in ("nngp", "ntk")}
         if len(x1) and len(x2):
             tiles1 = self._tiles(x1, mol1)
             tiles2 = tiles1 if symmetric else self._tiles(x2, mol2)
@@ -114,8 +108,8 @@ class MoleculeKernel:
             with meter:
                 pending = []
                 for i, j in pairs:
-                    (p1, l1, rows), (p2, l2, cols) = tiles1[i], tiles2[j]
-                    pending.append((i, j, rows, cols, self._contract(p1, p2, l1, l2)))
+                    (p1, l1, f1), (p2, l2, f2) = tiles1[i], tiles2[j]
+                    pending.append((i, j, f1, f2, self._contract(p1, p2, l1, l2)))
                     if len(pending) >= 4:  # bounded queue: keeps a few tiles in flight, memory bounded
                         self._flush(pending[:1], out, symmetric)
                         pending = pending[1:]
@@ -123,7 +117,7 @@ class MoleculeKernel:
                 self._flush(pending, out, symmetric)
                 meter.advance(len(pending) * t * t)
             self.last_atom_pairs = len(pairs) * t * t
-        result = out
+        result = {k: v[:n1, :n2] for k, v in out.items()}
         if symmetric:
             result = {k: v + v.T for k, v in result.items()}
         self.last_seconds = time.perf_counter() - start
@@ -131,11 +125,11 @@ class MoleculeKernel:
 
     @staticmethod
     def _flush(pending, out, symmetric):
-        for i, j, rows, cols, (nngp, ntk) in pending:
+        for i, j, f1, f2, (nngp, ntk) in pending:
             factor = 0.5 if (symmetric and i == j) else 1.0
             for key, block in (("nngp", nngp), ("ntk", ntk)):
-                b = np.asarray(block, dtype=np.float64)[:len(rows), :len(cols)]
-                out[key][np.ix_(rows, cols)] += factor * b  # rows, cols are distinct: no lost updates
+                b = np.asarray(block, dtype=np.float64)
+                out[key][f1:f1 + b.shape[0], f2:f2 + b.shape[1]] += factor * b
 
 
 def molecule_kernel_padded(spec: AtomKernelSpec, l_max: int, x1, mask1, x2=None, mask2=None, **kwargs):
