@@ -388,3 +388,28 @@ def assemble_test_slide(path: str | Path, *, extra_str: list[Path] | None = None
     image = np.rot90(np.concatenate(rows, axis=0), rotate)
     write_pyramidal_tiff(np.ascontiguousarray(image), path, NCT_MPP, levels=3, tile=256, flavour=flavour)
     return [list(r) for r in np.rot90(np.array(layout, dtype=object), rotate)]
+
+
+def map_demo_slide(model, out_dir: str | Path, *, check_rotation: bool = True, progress: bool | None = None) -> dict:
+    """Map the assembled test slide (bundled tiles only) with an in-memory kernel model; outputs in `out_dir`."""
+    import tempfile
+
+    from eqkernels.pipelines.histology_map_report import write_outputs
+    from eqkernels.slides import open_slide
+
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "test-slide.tif"
+        layout = assemble_test_slide(path)
+        predictor = kernel_model_predictor(model)
+        with open_slide(path) as slide:
+            result = map_slide(predictor, slide, Path(tmp) / "checkpoint", check_rotation=check_rotation,
+                               progress=progress)
+            info = write_outputs(result, predictor, slide, f"in-memory {model.spec.name} model", out_dir)
+    expected = {(r, c): n for r, row in enumerate(layout) for c, n in enumerate(row) if n is not None}
+    cells = {tuple(int(v) for v in divmod(int(t), result.grid.cols)): result.class_names[k]
+             for t, k in zip(result.tiles, result.classes)}
+    hits = [cells[key] == name for key, name in expected.items() if key in cells]
+    info["layout_accuracy"] = float(np.mean(hits)) if hits else None
+    info["layout"] = layout
+    return info

@@ -147,20 +147,51 @@ def test_interrupted_map_is_marked_partial_and_resumes(slide, model_path, cli, t
 
     monkeypatch.setattr(histology_map, "_predict_batch", interrupt_second)
     out = tmp_path / "map"
-    first = cli("histology", "map", model_path, path, "--out", out, "--batch", "4")
+    first = cli("histology", "map", model_path, path, "--out", out, "--batch", "5")
     assert first.code == 130 and "PARTIAL" in first.err
     assert (out / "PARTIAL.txt").exists() and (out / "areas.md").read_text().startswith("# PARTIAL")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["complete"] is False and summary["tiles_done"] == 4 and summary["tissue_tiles"] == 10
-    assert len(_cells(out)) == 4 and json.loads((out / "areas.json").read_text())["complete"] is False
+    assert summary["complete"] is False and summary["tiles_done"] == 5 and summary["tissue_tiles"] == 10
+    assert len(_cells(out)) == 5 and json.loads((out / "areas.json").read_text())["complete"] is False
     calls.clear()
     interrupt[0] = False
-    second = cli("histology", "map", model_path, path, "--out", out, "--batch", "4", "--json")
+    second = cli("histology", "map", model_path, path, "--out", out, "--batch", "5", "--json")
     assert second.code == 0, second
-    assert calls == [4, 2]  # batches 2 and 3 only
+    assert calls == [5]  # the second batch only
     info = json.loads(second.out)
-    assert info["complete"] and info["tiles_resumed"] == 4 and info["tiles_predicted"] == 6
+    assert info["complete"] and info["tiles_resumed"] == 5 and info["tiles_predicted"] == 5
     assert not (out / "PARTIAL.txt").exists() and len(_cells(out)) == 10
+
+
+def test_ensemble_map_is_the_members_mean_on_the_source_tiles(slide, cli, tmp_path):
+    """An ensemble file: each cell's scores equal the ensemble applied to its source tile's file.
+
+    Same pixels (level 2 = two 2×2 block means, as done to the source tile here), same float32
+    network; 1e-5 absolute covers batch-composition differences in XLA's reductions (measured 0).
+    """
+    from eqkernels.ensembles import EnsembleSpec
+    from eqkernels.kernels import ConvNetSpec
+    from eqkernels.pipelines.histology_ensemble import train_histology_ensemble
+
+    path, layout = slide
+    images, names, cells = _layout_tiles(layout)
+    small = np.stack([downsample2(downsample2(t)) for t in images])
+    tiles = TileSet(small, np.array([NCT_CLASSES.index(n) for n in names]), list(NCT_CLASSES))
+    # Untrained members (steps=0) suffice: what is tested is where the map reads, not what was learnt.
+    spec = EnsembleSpec(net=ConvNetSpec(channels=4), n_outputs=9, members=2, steps=0)
+    ensemble = train_histology_ensemble(spec, tiles, size=16, progress=False,
+                                        options={"train_mpp": 4 * NCT_MPP, "train_tile_px": 56})
+    ensemble.save(tmp_path / "ens.h5")
+    result = cli("histology", "map", tmp_path / "ens.h5", path, "--out", tmp_path / "map", "--json")
+    assert result.code == 0, result
+    assert json.loads(result.out)["uncertainty"] == "members' sd of the winning score"
+    found = _cells(tmp_path / "map")
+    direct = ensemble.predict(small)
+    for k, cell in enumerate(cells):
+        if cell in found:
+            scores = np.array([found[cell][1][n] for n in NCT_CLASSES])
+            np.testing.assert_allclose(scores, direct.scores[k], atol=1e-5)
+    assert len(found) == 10
 
 
 def _one_line_error(result, *words):
