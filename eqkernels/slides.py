@@ -24,6 +24,7 @@ TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".qptiff"}
 # Pillow reads these whole; a slide-sized PNG belongs in a pyramidal TIFF instead.
 PILLOW_MAX_PIXELS = 64_000_000
 CM_PER_INCH = 2.54
+THUMBNAIL_BLOCK_PX = 2048  # level pixels per side read at once for thumbnails (12 MB of RGB)
 
 
 @dataclass
@@ -64,19 +65,20 @@ class Slide:
     def thumbnail(self, downsample: float) -> tuple[np.ndarray, float]:
         """The slide reduced about `downsample`× from level 0: (image (h, w, 3) uint8, actual downsample).
 
-        Takes the coarsest level not coarser than asked and averages f×f blocks of it, a band of
-        rows at a time, so memory stays near the size of the result.
+        Takes the coarsest level not coarser than asked and averages f×f blocks of it, reading
+        blocks of about THUMBNAIL_BLOCK_PX² level pixels, so memory stays near the size of the result.
         """
         level = max((i for i, d in enumerate(self.downsamples) if d <= downsample * (1 + 1e-6)), default=0)
         factor = max(int(downsample / self.downsamples[level] + 1e-6), 1)
         height, width = self.levels[level]
         th, tw = max(height // factor, 1), max(width // factor, 1)
         out = np.empty((th, tw, 3), dtype=np.uint8)
-        band = max(1, 2048 // factor)  # thumbnail rows per read
-        for r in range(0, th, band):
-            rows = min(band, th - r)
-            block = self.read(level, r * factor, 0, rows * factor, tw * factor).astype(np.float32)
-            out[r:r + rows] = np.rint(block.reshape(rows, factor, tw, factor, 3).mean(axis=(1, 3)))
+        step = max(1, THUMBNAIL_BLOCK_PX // factor)  # thumbnail pixels per block side
+        for r in range(0, th, step):
+            for c in range(0, tw, step):
+                rows, cols = min(step, th - r), min(step, tw - c)
+                block = self.read(level, r * factor, c * factor, rows * factor, cols * factor).astype(np.float32)
+                out[r:r + rows, c:c + cols] = np.rint(block.reshape(rows, factor, cols, factor, 3).mean(axis=(1, 3)))
         return out, self.downsamples[level] * factor
 
     def close(self) -> None:

@@ -93,8 +93,9 @@ def load_predictor(path: str | Path, *, train_mpp: float | None = None,
     from eqkernels.pipelines.histology_ensemble import HistologyEnsemble
     from eqkernels.pipelines.histology_model import HistologyModel
 
+    kind = store.kind_of(path)  # first: it names a missing file or a non-eqkernels file
     checksum = _file_checksum(path)
-    if store.kind_of(path) == ENSEMBLE_KIND:
+    if kind == ENSEMBLE_KIND:
         predictor = ensemble_predictor(HistologyEnsemble.load(path), checksum)
     else:
         predictor = kernel_model_predictor(HistologyModel.load(path), checksum)

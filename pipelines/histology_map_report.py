@@ -164,8 +164,10 @@ def plot_maps(result: SlideMap, predictor: TilePredictor, out: Path, title: str)
     thumb = result.info["display"]
     g = result.grid
     scale = g.downsample / result.info["display_downsample"]
-    # The grid's cells in thumbnail pixels: cell (r, c) spans stride px from r·stride.
-    extent = (-0.5, g.cols * g.stride * scale - 0.5, g.rows * g.stride * scale - 0.5, -0.5)
+    # Cells in thumbnail pixels: stride × stride around each tile's centre (the tile itself when
+    # there is no overlap), so overlapping tiles colour the slide without overlapping each other.
+    offset = (g.tile - g.stride) / 2 * scale - 0.5
+    extent = (offset, offset + g.cols * g.stride * scale, offset + g.rows * g.stride * scale, offset)
     classes = grid_image(result, result.classes.astype(float))
     colours = np.zeros((g.rows, g.cols, 4))
     for i in range(len(result.class_names)):

@@ -276,3 +276,21 @@ def test_predict_refuses_slides_and_tiny_tiles(slide, model_path, cli, tmp_path)
     small = cli("histology", "predict", model_path, tmp_path / "small.tif", "--json")
     assert small.code == 0 and "warning" in small.err and "12×12" in small.err
     assert json.loads(small.out)["tile"].endswith("small.tif")
+
+
+def test_grid_level_stride_and_overlap(slide):
+    """Closed forms: 112 µm tiles on a 0.5 µm/px slide with levels 1, 2, 4 (672 × 896 px at level 0)."""
+    from eqkernels.errors import InputError
+    from eqkernels.pipelines.histology_map import plan_grid
+    from eqkernels.slides import open_slide
+
+    with open_slide(slide[0]) as s:
+        g = plan_grid(s, 112.0, 16, train_mpp=4.0)  # PathMNIST: no level is as coarse; the coarsest finer one
+        assert (g.level, g.tile, g.stride, g.rows, g.cols) == (2, 56, 56, 3, 4)
+        g = plan_grid(s, 112.0, 16, train_mpp=1.0, overlap=0.5)  # level 1 (1 µm/px): rows (336 − 112)/56 + 1
+        assert (g.level, g.tile, g.stride, g.rows, g.cols) == (1, 112, 56, 5, 7)
+        assert g.cell_area_mm2() == pytest.approx((56 * 1.0 * 1e-3) ** 2)
+        g = plan_grid(s, 112.0, 16, train_mpp=0.25)  # finer than the slide: level 0
+        assert (g.level, g.tile, g.rows, g.cols) == (0, 224, 3, 4)
+        with pytest.raises(InputError, match="overlap"):
+            plan_grid(s, 112.0, 16, train_mpp=4.0, overlap=1.0)

@@ -107,3 +107,17 @@ def test_damaged_files_are_one_line_errors(ihc, tmp_path):
         with pytest.raises(InputError, match=words) as err:
             open_slide(bad)
         assert "\n" not in str(err.value) and str(bad) in str(err.value)
+
+
+def test_thumbnail_in_small_blocks_equals_one_block(ihc, tmp_path, monkeypatch):
+    """Block-wise reduction (how gigapixel levels are read) gives the same thumbnail as one read."""
+    import eqkernels.slides as slides
+
+    path = write_pyramidal_tiff(ihc, tmp_path / "ihc.tif", mpp=0.25, levels=1, tile=128)
+    with open_slide(path) as slide:
+        whole, _ = slide.thumbnail(8.0)
+        monkeypatch.setattr(slides, "THUMBNAIL_BLOCK_PX", 40)  # 5 thumbnail px per block: 13 × 13 blocks
+        blocks, ds = slide.thumbnail(8.0)
+    assert ds == 8.0
+    np.testing.assert_array_equal(blocks, whole)
+    np.testing.assert_array_equal(whole, np.rint(ihc.reshape(64, 8, 64, 8, 3).mean(axis=(1, 3))).astype(np.uint8))
