@@ -6,7 +6,7 @@ At the demo's kernel and size by default (d4cnn, 16 px, 350 training tiles of th
 sample). Prediction cost does not depend on the model's coefficients, so the model here has
 placeholder dual coefficients (zeros) and an identity posterior factor instead of a fit (which
 would cost 4·N² kernel pairs): the figures are throughput only, not accuracy. The slide is the
-assembled test slide of bundled NCT tiles repeated 2 × 2 (16 tissue tiles). Each repetition maps
+assembled test slide of bundled NCT tiles repeated 2 × 2 (32 tissue tiles). Each repetition maps
 it from scratch (fresh checkpoint); the peer is `relative_kernels` on the same preprocessed tiles
 and training tiles (the pairs the map needs), so the ratio is the map's overhead (reading, tissue
 detection, resizing, checkpoints). Best of `--repeats` after one compiling run.
