@@ -45,7 +45,10 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the app and maps expected failures to one-line errors."""
     try:
-        app(args=argv, prog_name="eqk", standalone_mode=False)
+        # Without standalone mode, typer turns Ctrl-C into a returned 130 rather than an exception.
+        code = app(args=argv, prog_name="eqk", standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            return code
     except InputError as err:
         print(f"eqk: error: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -58,6 +60,9 @@ def train(
     padding: PaddingName = typer.Option("VALID", help="Convolution padding."),
     out: Path = typer.Option(Path("histology-model.h5"), "--out", "-o", help="Model file to write."),
     checkpoint: Optional[Path] = typer.Option(None, help="Folder for resumable kernel blocks."),
+    train_mpp: Optional[float] = typer.Option(None, "--train-mpp", help="µm per pixel of the training tiles, stored "
+                                              "for `eqk histology map` [default: known for NCT-CRC-HE-100K and "
+                                              "PathMNIST]"),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ):
     """Train a kernel model on histology tiles and write it to one HDF5 file."""
@@ -77,11 +82,12 @@ def train(
     if min(np.bincount(tiles.labels)) < 1 or len(tiles.class_names) < 2:
         raise InputError("need labelled tiles of at least two classes", data)
     train_idx, _ = stratified_split(tiles.labels, n_train, seed=seed)
+    resolution = _training_resolution(train_mpp, data, tiles.images.shape[1])
     start = time.perf_counter()
     model, timings = train_model(spec, tiles.subset(train_idx), size=size, ridge=ridge, time=t_value,
                                  learning_rate=learning_rate, checkpoint=checkpoint,
                                  options={"data": str(data), "seed": seed, "n_train": n_train,
-                                          "n_tiles": len(tiles)})
+                                          "n_tiles": len(tiles), **resolution})
     model.save(out)
     if checkpoint is not None:
         from eqkernels.apps.kernel import _remove_checkpoint
@@ -96,6 +102,48 @@ def train(
                       f"{summary['seconds']:.1f} s (kernel {timings['kernel_s']:.1f} s) → {out}")
 
 
+def _training_resolution(train_mpp: float | None, data: Path, tile_px: int) -> dict:
+    """{'train_mpp', 'train_tile_px'} for the model's options: given, known for the dataset, or absent."""
+    from eqkernels.pipelines.histology_map import known_training_resolution
+
+    if train_mpp is not None and not (math.isfinite(train_mpp) and train_mpp > 0):
+        raise InputError(f"--train-mpp must be a positive number of µm per pixel, got {train_mpp}")
+    mpp = train_mpp if train_mpp is not None else known_training_resolution(data, tile_px)
+    return {} if mpp is None else {"train_mpp": float(mpp), "train_tile_px": int(tile_px)}
+
+
+def _refuse_slides(path: Path) -> None:
+    """A multi-page or pyramidal TIFF is a slide, not a tile: say so instead of reading its first page."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = len(tif.pages)
+            subifds = bool(tif.pages.first.subifds)
+            pyramidal = subifds or len(tif.series[0].levels) > 1
+    except Exception:
+        return  # read_tile gives the one-line error for damaged files
+    if pages > 1 or subifds:
+        kind = "pyramidal" if pyramidal else "multi-page"
+        raise InputError(f"is a {kind} TIFF ({pages} pages{', with sub-resolutions' if subifds else ''}), a slide "
+                         "rather than a tile; map it with `eqk histology map MODEL SLIDE --out DIR`", path)
+
+
+def _check_tile_size(side: int, model_size: int, name: str) -> None:
+    """Refuse tiles under half the model's input, warn below it.
+
+    Under half, resizing up more than 2× gives the model a blur unlike any training tile, yet its
+    scores look as confident as any: refused. Between half and the input size the upsampling is
+    mild, so the prediction is made, with a warning on stderr.
+    """
+    if 2 * side < model_size:
+        raise InputError(f"tile is {side}×{side} px, under half the model's input of {model_size} px; upsampling "
+                         "it that far gives the model a blur unlike its training tiles", name)
+    if side < model_size:
+        print(f"eqk: warning: {name}: tile is {side}×{side} px, smaller than the model's input of {model_size} px; "
+              "it is upsampled", file=sys.stderr)
+
+
 def _collect_inputs(model, paths: List[Path]):
     """Preprocessed inputs (M, S, S, 3) and names: tile files, or folders / npz / csv holding many.
 
@@ -106,10 +154,13 @@ def _collect_inputs(model, paths: List[Path]):
     inputs, names = [], []
     for p in paths:
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            if p.suffix.lower() in (".tif", ".tiff"):
+                _refuse_slides(p)
             images, these = read_tile(p)[None], [str(p)]
         else:
             tiles = load_tiles(p)
             images, these = tiles.images, tiles.sources
+        _check_tile_size(images.shape[1], model.preprocessing.size, str(p))
         inputs.append(model.preprocessing(images))
         names += these
     return np.concatenate(inputs), names
@@ -228,3 +279,74 @@ def report(
     s = rep["models"][0]
     console.print(f"{model.spec.name}: accuracy {s['accuracy']:.3f} on {s['n_test']} tiles, rotated "
                   f"{s['accuracy_rotated_mean']:.3f}, orbit-same {s['orbit_same_predictions']:.2f}/4 → {out}/report.md")
+
+
+@app.command("map")
+def map_(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="Kernel model (`eqk histology train`) or ensemble file."),
+    slide_path: Path = typer.Argument(..., metavar="SLIDE", help="Slide: pyramidal TIFF, OME-TIFF, SVS, NDPI, PNG/JPEG; "
+                                                                 "other vendor formats with the openslide extra."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the maps, area tables and GeoJSON."),
+    mpp: Optional[float] = typer.Option(None, help="µm per pixel of the slide's full resolution (overrides its metadata)."),
+    reader: str = typer.Option("auto", help="Slide reader: auto, tifffile, openslide or pillow."),
+    train_mpp: Optional[float] = typer.Option(None, "--train-mpp", help="µm per pixel of the model's training tiles "
+                                                                        "(overrides the model's record)."),
+    train_tile_px: Optional[int] = typer.Option(None, "--train-tile-px", help="Side of the raw training tiles in px."),
+    min_tissue: float = typer.Option(0.25, "--min-tissue", help="Predict tiles with at least this tissue fraction "
+                                     "(NCT fat tiles are about 40 % stained pixels)."),
+    overlap: float = typer.Option(0.0, help="Tile overlap as a fraction of the tile side (stride = side·(1−overlap))."),
+    batch: int = typer.Option(32, help="Tiles per prediction batch (and per checkpoint)."),
+    check_rotation: bool = typer.Option(False, "--check-rotation", help="Also map the slide rotated by 90° and report "
+                                                                        "how much tissue changes class."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Map tissue classes over a whole slide: class and uncertainty maps, areas, GeoJSON (resumable)."""
+    from eqkernels.pipelines.histology_map import load_predictor, map_slide
+    from eqkernels.pipelines.histology_map_report import write_outputs
+    from eqkernels.slides import open_slide
+
+    if batch < 1:
+        raise InputError(f"--batch must be positive, got {batch}")
+    predictor = load_predictor(model_path, train_mpp=train_mpp, train_tile_px=train_tile_px)
+    with open_slide(slide_path, mpp=mpp, reader=reader) as slide:
+        result = map_slide(predictor, slide, out / ".checkpoint", overlap=overlap, min_tissue=min_tissue, batch=batch,
+                           check_rotation=check_rotation, progress=None)
+        info = write_outputs(result, predictor, slide, model_path, out)
+    if not result.complete:
+        print(f"eqk: interrupted: PARTIAL map of {info['tiles_done']} of {info['tissue_tiles']} tissue tiles written to "
+              f"{out}/ (marked PARTIAL); rerun the same command to finish it", file=sys.stderr)
+        raise typer.Exit(130)
+    shutil.rmtree(out / ".checkpoint", ignore_errors=True)
+    _print_map_summary(info, out, as_json)
+
+
+def _print_map_summary(info: dict, out: Path, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(to_jsonable(info)))
+        return
+    rate = f", {info['tiles_per_s']:.1f} tiles/s" if info.get("tiles_per_s") else ""
+    console.print(f"mapped {info['tissue_tiles']} tissue tiles of {info['grid_rows']}×{info['grid_cols']} "
+                  f"({info['field_of_view_um']:.0f} µm, {info['tile_px']} px at level {info['level']}){rate} → "
+                  f"{out}/class_map.png, areas.md, tiles.geojson")
+    rot = info.get("rotation_check")
+    if rot:
+        console.print(f"rotated by 90°: class changes on {rot['tiles_changed']} of {rot['tiles']} tissue tiles")
+
+
+@app.command("make-test-slide")
+def make_test_slide(
+    out: Path = typer.Argument(Path("test-slide.tif"), help="TIFF file to write."),
+    flavour: str = typer.Option("tiff", help="tiff (SubIFD pyramid), ome (OME-TIFF) or svs (Aperio-style pages)."),
+    extra_str: List[Path] = typer.Option([], "--extra-str", help="Further stroma (STR) tiles for the two spare slots."),
+):
+    """Assemble a small pyramidal slide (0.5 µm/px) from the bundled real NCT-CRC-HE-100K tiles in a known layout."""
+    from eqkernels.apps._common import atomic_file
+    from eqkernels.pipelines.histology_map import assemble_test_slide
+
+    if flavour not in ("tiff", "ome", "svs"):
+        raise InputError(f"--flavour must be tiff, ome or svs, got {flavour!r}")
+    with atomic_file(out) as tmp:
+        layout = assemble_test_slide(tmp, extra_str=extra_str, flavour=flavour)
+    console.print(f"wrote {out}: 3×4 tiles of 224 px at 0.5 µm/px; layout (rows, '-' = glass):")
+    for row in layout:
+        console.print("  " + " ".join(f"{name or '-':5}" for name in row))

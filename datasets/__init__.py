@@ -15,6 +15,7 @@ KATHER2016_8X8 = ROOT / "kather2016-chmnist-8x8" / "hmnist_8_8_RGB.csv"
 QM9_SAMPLE = ROOT / "qm9-sample" / "qm9pack_sample2000.csv.xz"
 QM9_ASE_DB_SAMPLE = ROOT / "qm9-sample" / "test_qm9_20mols_allprops.db"
 QM9_POLARIZABILITY_SAMPLE = ROOT / "qm9-sample" / "qm9_polarizability_sample2000.csv.xz"
+IHC_SAMPLE = ROOT / "skimage-ihc" / "ihc.png"
 
 
 def verify() -> dict[str, bool]:

@@ -44,7 +44,8 @@ class Meter:
             self._progress.start()
             self._task = self._progress.add_task(self.description, total=self.total, completed=0, rate="")
         rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        self._progress.update(self._task, completed=self.done, rate=f"{rate:,.0f} {self.unit}/s")
+        shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"  # slide tiles come a few per second
+        self._progress.update(self._task, completed=self.done, rate=f"{shown} {self.unit}/s")
 
     def close(self) -> None:
         if self._progress is not None:

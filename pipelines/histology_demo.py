@@ -23,6 +23,7 @@ from eqkernels.pipelines.histology_model import fit_from_kernels
 from eqkernels.pipelines.histology_report import evaluate, write_report
 
 KERNELS = ("cnn", "cnn-c4avg", "p4cnn", "d4cnn")
+MAP_KERNEL = "d4cnn"
 
 
 def pairs_alone(kernel: str, n_train: int, n_test: int) -> int:
@@ -66,13 +67,15 @@ def run(out_dir: Path, *, seconds: float = 300.0, size: int = 16, seed: int = 0,
     from eqkernels.datasets import PATHMNIST_SAMPLE
 
     started = time.perf_counter()
-    tiles = tiles if tiles is not None else load_tiles(PATHMNIST_SAMPLE)
+    tiles_given = tiles is not None
+    tiles = tiles if tiles_given else load_tiles(PATHMNIST_SAMPLE)
     net = ConvNetSpec()
     rate = measure_rate(net, tiles.images, size)
     if n_train is None or n_test is None:
         # The budget pays for the kernels; solving and reporting take a few seconds on top.
         n_train, n_test = choose_sizes(rate, 0.9 * seconds - (time.perf_counter() - started), len(tiles),
                                        len(tiles.class_names))
+    resolution = {} if tiles_given else _pathmnist_resolution(tiles)
     train_idx, test_idx = stratified_split(tiles.labels, n_train, n_test, seed=seed)
     train, test = tiles.subset(train_idx), tiles.subset(test_idx)
     prep = Preprocessing.fit(train.images, size)
@@ -88,7 +91,8 @@ def run(out_dir: Path, *, seconds: float = 300.0, size: int = 16, seed: int = 0,
         spec = KernelSpec(name, net)
         models.append(fit_from_kernels(spec, prep, train, x_train, family_kernels(spec, rel_train), ridge=ridge,
                                        time=None, learning_rate=1.0,
-                                       options={"data": str(PATHMNIST_SAMPLE), "seed": seed, "n_train": n_train}))
+                                       options={"data": str(PATHMNIST_SAMPLE), "seed": seed, "n_train": n_train,
+                                                **resolution}))
         solve_seconds[name] = time.perf_counter() - t1
     evaluations = evaluate(models, test, progress=progress)
     test_seconds = evaluations[0].seconds["test_kernel_shared"]
@@ -111,6 +115,26 @@ def run(out_dir: Path, *, seconds: float = 300.0, size: int = 16, seed: int = 0,
     from eqkernels.pipelines.histology_report import markdown_report
 
     (Path(out_dir) / "report.md").write_text(markdown_report("eqk demo: histology", context, report["models"], extra))
+    slide_map = _map_part(models, Path(out_dir) / "map", progress) if resolution else None
     return {"models": report["models"], "extra": extra, "context": context, "n_train": n_train, "n_test": n_test,
-            "size": size, "rate_calibration": rate, "rate_measured": measured_rate,
+            "size": size, "rate_calibration": rate, "rate_measured": measured_rate, "map": slide_map,
             "seconds_total": time.perf_counter() - started}
+
+
+def _pathmnist_resolution(tiles: TileSet) -> dict:
+    """The training resolution of PathMNIST tiles, recorded so `eqk histology map` can tile slides."""
+    from eqkernels.datasets import PATHMNIST_SAMPLE
+    from eqkernels.pipelines.histology_map import known_training_resolution
+
+    mpp = known_training_resolution(PATHMNIST_SAMPLE, tiles.images.shape[1])
+    return {"train_mpp": mpp, "train_tile_px": int(tiles.images.shape[1])}
+
+
+def _map_part(models, out_dir: Path, progress) -> dict:
+    """The demo's slide map: the D4 model on the slide assembled from the bundled NCT tiles, with the rotation check."""
+    from eqkernels.pipelines.histology_map import map_demo_slide
+
+    model = models[KERNELS.index(MAP_KERNEL)]
+    info = map_demo_slide(model, out_dir, check_rotation=True, progress=progress)
+    keep = ("tissue_tiles", "tiles_per_s", "seconds", "rotation_check", "layout_accuracy", "areas", "tile_px", "level")
+    return {"kernel": MAP_KERNEL, "folder": str(out_dir), **{k: info[k] for k in keep}}
