@@ -61,7 +61,8 @@ def compare(
     n_train: int = typer.Option(100, "--n-train", help="Training tiles (class-stratified)."),
     n_test: int = typer.Option(200, "--n-test", help="Held-out tiles."),
     n_ood: int = typer.Option(100, "--n-ood", help="OOD tiles, and as many noise images (0: none)."),
-    group: str = typer.Option("C4", help="Symmetry group: C4 (rotations) or D4 (with reflections)."),
+    group: str = typer.Option("C4", help="Symmetry group: C4 (rotations) or D4 (with reflections), exact on the "
+                                         "grid; C8, C16, D8, D16 by interpolation on disk-masked tiles (no GCNN)."),
     width: int = typer.Option(16, help="CNN channels."),
     gcnn_width: int = typer.Option(8, "--gcnn-width", help="GCNN channels per group element."),
     steps: int = typer.Option(150, help="Gradient-descent steps."),

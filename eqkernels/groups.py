@@ -261,3 +261,11 @@ def rotation_group(name: str) -> RotationGroup:
     d = math.gcd(n, 4)
     fine = tuple(360.0 * j / n for j in range(n // d))
     return RotationGroup(f"{kind}{n}", GROUPS[f"{kind}{d}"], fine)
+
+
+def resolve_group(group) -> PlanarGroup | RotationGroup:
+    """An exact grid group (C1, C2, C4, D1, D2, D4 by name: unmasked, exact) or an interpolated C_n/D_n."""
+    if isinstance(group, (PlanarGroup, RotationGroup)):
+        return group
+    name = "C1" if group is None else str(group).strip().upper()
+    return GROUPS[name] if name in GROUPS else rotation_group(name)

@@ -16,10 +16,10 @@ import numpy as np
 
 from eqkernels import store
 from eqkernels.errors import InputError, ModelFileError
-from eqkernels.groups import rotate
+from eqkernels.groups import resolve_group, rotate
 from eqkernels.kernels import ImageKernel, KernelSpec
 from eqkernels.kernels.families import family_diagonal, family_kernels, left_translate
-from eqkernels.kernels.relative import RelativeKernels, group_relative_kernels, resolve_group
+from eqkernels.kernels.relative import RelativeKernels, group_relative_kernels
 from eqkernels.solvers import GaussianPosterior, centred_one_hot, dual_coefficients
 from eqkernels.pipelines.histology import Preprocessing, TileSet
 

@@ -25,6 +25,7 @@ from eqkernels import metrics
 from eqkernels.groups import get_group, rotate, rotation_group
 from eqkernels.kernels.relative import relative_kernels
 from eqkernels.pipelines.compare_report import markdown_table
+from eqkernels.pipelines.histology_rotations import sweep_angles, sweep_measures
 from eqkernels.pipelines.histology import TileSet
 from eqkernels.pipelines.histology_model import HistologyModel
 
@@ -133,14 +134,6 @@ def _direct_check(model: HistologyModel, test: TileSet, preds, n: int) -> float:
 ORBIT_GROUPS = ("C4", "C8", "C16")
 
 
-def sweep_angles(step: float = 15.0) -> list[float]:
-    """0°, step, 2·step, … below 360° (step must divide 360°)."""
-    n = int(round(360.0 / step))
-    if n < 1 or abs(n * step - 360.0) > 1e-9:
-        raise ValueError(f"the angle step must divide 360°, got {step:g}°")
-    return [360.0 * i / n for i in range(n)]
-
-
 def angle_scores(model: HistologyModel, inputs: np.ndarray, angles: list[float], *,
                  progress: bool | None = None) -> np.ndarray:
     """Scores (len(angles), n, C) of P_θ x for preprocessed inputs x (n, S, S, 3); angle 0 is P_0 x.
@@ -183,9 +176,7 @@ def rotation_sweep(model: HistologyModel, sets: dict[str, np.ndarray], labels: n
             entry["orbit_same"][g] = float(np.mean(metrics.orbit_same_predictions(classes[idx, lo:hi])))
             entry["invariance_error"][g] = metrics.mean_relative_change(scores[idx, lo:hi], scale=scale)
         if n == "test":
-            idx = [angles.index(a) for a in sweep]
-            entry["accuracy"] = [metrics.accuracy(labels, classes[i, lo:hi]) for i in idx]
-            entry["agreement"] = [float(np.mean(classes[i, lo:hi] == classes[0, lo:hi])) for i in idx]
+            entry.update(sweep_measures(scores[[angles.index(a) for a in sweep], lo:hi], labels))
         out["sets"][n] = entry
     out["seconds"] = _time.perf_counter() - t0
     out["kernel_invariance_error"] = model.options.get("invariance_error")

@@ -12,9 +12,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from eqkernels.groups import PlanarGroup, RotationGroup
+from eqkernels.groups import PlanarGroup, RotationGroup, resolve_group
 from eqkernels.kernels.families import family_kernels, readout
-from eqkernels.kernels.relative import RelativeKernels, group_relative_kernels, relative_kernels, resolve_group
+from eqkernels.kernels.relative import RelativeKernels, group_relative_kernels, relative_kernels
 from eqkernels.kernels.spec import KERNEL_FAMILIES, ConvNetSpec, KernelSpec
 
 __all__ = ["ImageKernel", "KernelSpec", "ConvNetSpec", "KERNEL_FAMILIES", "RelativeKernels",

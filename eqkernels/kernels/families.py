@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from eqkernels.groups import RotationGroup, get_group
-from eqkernels.kernels.relative import RelativeKernels, resolve_group
+from eqkernels.groups import RotationGroup, get_group, resolve_group
+from eqkernels.kernels.relative import RelativeKernels
 from eqkernels.kernels.spec import ConvNetSpec, KernelSpec
 
 

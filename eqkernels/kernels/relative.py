@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqkernels.errors import InputError
-from eqkernels.groups import GROUPS, PlanarGroup, RotationGroup, get_group, rotation_group
+from eqkernels.groups import PlanarGroup, RotationGroup, get_group, resolve_group
 from eqkernels.kernels.engine import PairEvaluator, default_pairs_per_step, pair_working_set_bytes
 from eqkernels.kernels.spec import ConvNetSpec
 from eqkernels.progress import Meter
@@ -334,14 +334,6 @@ def _pair_self_terms(net: ConvNetSpec, stack: np.ndarray, n: int, m: int, exact:
         out[1, h] = np.concatenate([p[1] for p in parts])[:len(left)]
     shape = (exact.order, m, m, n)
     return out[0].reshape(shape), out[1].reshape(shape)
-
-
-def resolve_group(group) -> PlanarGroup | RotationGroup:
-    """An exact grid group (C1, C2, C4, D1, D2, D4 by name, unmasked) or an interpolated C_n/D_n."""
-    if isinstance(group, (PlanarGroup, RotationGroup)):
-        return group
-    name = "C1" if group is None else str(group).upper()
-    return GROUPS[name] if name in GROUPS else rotation_group(name)
 
 
 def group_relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None, group, **kwargs) -> RelativeKernels:

@@ -107,7 +107,7 @@ class KernelSpec:
         for an interpolated group its exact grid subgroup (C4 for C8/C16, D4 for D8/D16)."""
         if self.group is None:
             return None
-        from eqkernels.kernels.relative import resolve_group
+        from eqkernels.groups import resolve_group
 
         group = resolve_group(self.group)
         return group.name if not hasattr(group, "fine_angles") else group.exact.name
