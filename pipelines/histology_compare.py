@@ -76,6 +76,7 @@ class CompareConfig:
     width_n_train: int = 40
     split_seed: int = 0
     member_chunk: int = 10         # members per compiled training step
+    sweep: bool = True             # accuracy/agreement at every 15° on the test tiles (kernels and ensembles)
 
     def __post_init__(self):
         if self.group not in GROUP_KERNELS:
@@ -410,10 +411,11 @@ def run(config: CompareConfig, *, data=None, ood=None, budget: float | None = No
     from eqkernels.pipelines import histology_rotations as hr
 
     t0 = time.perf_counter()
-    sweep = {"step": hr.SWEEP_STEP, "angles": hr.sweep_angles(), "rows": {}}
-    for name, scores in hr.kernel_sweep(kernels, inputs, net, group, progress=progress).items():
-        sweep["rows"][f"kernel {name}"] = hr.sweep_measures(scores, inputs.test_labels)
-    timings["kernel sweep"] = time.perf_counter() - t0
+    sweep = {"step": hr.SWEEP_STEP, "angles": hr.sweep_angles(), "rows": {}} if config.sweep else None
+    if sweep:
+        for name, scores in hr.kernel_sweep(kernels, inputs, net, group, progress=progress).items():
+            sweep["rows"][f"kernel {name}"] = hr.sweep_measures(scores, inputs.test_labels)
+        timings["kernel sweep"] = time.perf_counter() - t0
     x_orbits = orbit_inputs(inputs.x_eval, config.group)
     n_eval = len(inputs.x_eval)
     curves, pools_info, saved = {}, {}, {}
@@ -440,9 +442,10 @@ def run(config: CompareConfig, *, data=None, ood=None, budget: float | None = No
             outputs[:, 0, sl["test"]], config.curve_sizes,
             lambda m, ref=reference[0, sl["test"]]: metrics.relative_distance(m, ref))
         curves[pool] = curve
-        sweep["rows"][f"ensemble {pool}"] = hr.sweep_mean_std([hr.sweep_measures(m, inputs.test_labels) for m in
-                                                               hr.ensemble_sweep(ens, inputs.sets["test"],
-                                                                                 seeds=config.seeds)])
+        if sweep:
+            sweep["rows"][f"ensemble {pool}"] = hr.sweep_mean_std(
+                [hr.sweep_measures(m, inputs.test_labels)
+                 for m in hr.ensemble_sweep(ens, inputs.sets["test"], seeds=config.seeds)])
         timings[f"ensembles {pool}"] = time.perf_counter() - t0
         pools_info[pool] = {"spec": spec.to_dict(), "label": spec.label, "seconds": time.perf_counter() - t0,
                             "train_seconds": ens.seconds, "timing": ens.timing,
