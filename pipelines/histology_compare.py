@@ -411,11 +411,8 @@ def run(config: CompareConfig, *, data=None, ood=None, budget: float | None = No
     from eqkernels.pipelines import histology_rotations as hr
 
     t0 = time.perf_counter()
-    sweep = {"step": hr.SWEEP_STEP, "angles": hr.sweep_angles(), "rows": {}} if config.sweep else None
-    if sweep:
-        for name, scores in hr.kernel_sweep(kernels, inputs, net, group, progress=progress).items():
-            sweep["rows"][f"kernel {name}"] = hr.sweep_measures(scores, inputs.test_labels)
-        timings["kernel sweep"] = time.perf_counter() - t0
+    sweep = hr.start_sweep(kernels, inputs, net, group, progress=progress) if config.sweep else None
+    timings["kernel sweep"] = time.perf_counter() - t0
     x_orbits = orbit_inputs(inputs.x_eval, config.group)
     n_eval = len(inputs.x_eval)
     curves, pools_info, saved = {}, {}, {}
@@ -443,9 +440,7 @@ def run(config: CompareConfig, *, data=None, ood=None, budget: float | None = No
             lambda m, ref=reference[0, sl["test"]]: metrics.relative_distance(m, ref))
         curves[pool] = curve
         if sweep:
-            sweep["rows"][f"ensemble {pool}"] = hr.sweep_mean_std(
-                [hr.sweep_measures(m, inputs.test_labels)
-                 for m in hr.ensemble_sweep(ens, inputs.sets["test"], seeds=config.seeds)])
+            sweep["rows"][f"ensemble {pool}"] = hr.ensemble_sweep(ens, inputs, seeds=config.seeds)
         timings[f"ensembles {pool}"] = time.perf_counter() - t0
         pools_info[pool] = {"spec": spec.to_dict(), "label": spec.label, "seconds": time.perf_counter() - t0,
                             "train_seconds": ens.seconds, "timing": ens.timing,

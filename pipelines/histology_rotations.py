@@ -122,13 +122,23 @@ def kernel_sweep(kernels: dict, inputs, net: ConvNetSpec, group, *, step: float 
     return out
 
 
-def ensemble_sweep(ensemble, x_test: np.ndarray, *, step: float = SWEEP_STEP, seeds: int = 1) -> list[np.ndarray]:
-    """Ensemble-mean scores (angles, n, C) at P_θ x, one array per repeat (seed) of the pool."""
+def start_sweep(kernels: dict, inputs, net: ConvNetSpec, group, *, step: float = SWEEP_STEP, progress=None) -> dict:
+    """A comparison's sweep record with the kernel rows filled in (`kernel_sweep`, `sweep_measures`)."""
+    scores = kernel_sweep(kernels, inputs, net, group, step=step, progress=progress)
+    return {"step": step, "angles": sweep_angles(step),
+            "rows": {f"kernel {name}": sweep_measures(s, inputs.test_labels) for name, s in scores.items()}}
+
+
+def ensemble_sweep(ensemble, inputs, *, step: float = SWEEP_STEP, seeds: int = 1) -> dict:
+    """Accuracy and agreement per angle of the ensemble means of each repeat (seed) of the pool on the
+    test tiles rotated by P_θ: per-angle mean and std over the repeats (`sweep_mean_std`)."""
     angles = sweep_angles(step)
-    moved = np.concatenate([rotate(np.asarray(x_test, np.float32), a) for a in angles])
+    x_test = np.asarray(inputs.sets["test"], np.float32)
+    moved = np.concatenate([rotate(x_test, a) for a in angles])
     outputs = ensemble.outputs(moved).reshape(ensemble.members, len(angles), len(x_test), -1)
     per = ensemble.members // seeds
-    return [outputs[s * per:(s + 1) * per].mean(0) for s in range(seeds)]
+    return sweep_mean_std([sweep_measures(outputs[s * per:(s + 1) * per].mean(0), inputs.test_labels)
+                           for s in range(seeds)])
 
 
 def sweep_measures(scores: np.ndarray, labels: np.ndarray) -> dict:
