@@ -89,7 +89,12 @@ class EnsembleSpec:
         elif self.group is not None:
             raise ValueError("only GCNN ensembles take a group; use `augment` for augmented CNNs")
         if self.augment is not None:
-            resolve_group(self.augment)
+            group = resolve_group(self.augment)
+            # Off-grid groups must contain the quarter turns (C8 = C4·{0°, 45°}, …): the comparisons'
+            # orbit and sweep computations rely on that exact part.
+            if isinstance(group, RotationGroup) and group.exact.order != (8 if group.name[0] == "D" else 4):
+                raise ValueError(f"augmentation by {group.name} needs n divisible by 4 (C4/D4 inside it), "
+                                 f"e.g. C8, C16, D8")
         for name in ("n_outputs", "members"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -134,6 +134,11 @@ def train_model(spec: KernelSpec, train: TileSet, *, size: int, ridge: float = 1
     if len(set(train.labels.tolist())) < 2:
         raise InputError("training data must contain at least two classes")
     spec.net.check_input_size(size)
+    if spec.interpolated:
+        try:
+            resolve_group(spec.group).check_size(size)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     t0 = _time.perf_counter()
     preprocessing = Preprocessing.fit(train.images, size)
     inputs = preprocessing(train.images)

@@ -118,3 +118,17 @@ def test_compare_c8_runs_end_to_end(cli, tmp_path):
     assert summary["group_order"] == 8 and "ensemble cnn-aug" in summary["sweep"]["rows"]
     assert summary["rows"]["kernel cnn-c8avg"]["values"]["orbit_same_test"] > 7.0
     assert (out / "rotation_sweep.png").exists()
+
+
+def test_train_refuses_a_kernel_the_tile_cannot_resolve(cli, tmp_path):
+    out = tmp_path / "m.h5"
+    result = cli("histology", "train", "--kernel", "cnn-c16avg", "--size", "5", "--depth", "1", "--n-train", "20",
+                 "--out", out)
+    assert result.code != 0 and "at most C14 at 5 px" in result.err and not out.exists(), result
+    assert len(result.err.strip().splitlines()) == 1
+
+
+def test_augmentation_needs_the_quarter_turns():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        EnsembleSpec(augment="C6")
+    assert EnsembleSpec(augment="D16").random_augment
