@@ -138,15 +138,18 @@ def angle_scores(model: HistologyModel, inputs: np.ndarray, angles: list[float],
                  progress: bool | None = None) -> np.ndarray:
     """Scores (len(angles), n, C) of P_θ x for preprocessed inputs x (n, S, S, 3); angle 0 is P_0 x.
 
-    One relative-kernel pass per residual θ mod 90°, over C4 (D4 for D families) for the quarter turns.
+    The inputs rotated by every residual θ mod 90° go through one relative-kernel pass over C4
+    (D4 for D families); the quarter turns come from the identity.
     """
     exact = "D4" if (model.spec.group or "").upper().startswith("D") else "C4"
     out = np.empty((len(angles), len(inputs), len(model.class_names)))
     residuals = sorted({round(a % 90.0, 9) for a in angles})
-    for r in residuals:
-        rel = model.relative(rotate(np.asarray(inputs, np.float32), r), exact, progress=progress,
-                             description=f"rotated by {r:g}° × train kernel")
-        elements = get_group(rel.group).elements
+    x = np.asarray(inputs, np.float32)
+    rel_all = model.relative(np.concatenate([rotate(x, r) for r in residuals]), exact, progress=progress,
+                             description=f"tiles at {len(residuals)} residual angles × train kernel")
+    elements = get_group(rel_all.group).elements
+    for j, r in enumerate(residuals):
+        rel = rel_all.take_rows(np.arange(j * len(x), (j + 1) * len(x)))
         for i, a in enumerate(angles):
             if round(a % 90.0, 9) == r:
                 k = int(round((a - r) / 90.0)) % 4

@@ -64,6 +64,18 @@ class RelativeKernels:
     def fine(self) -> int:
         return len(self.fine_angles)
 
+    def take_rows(self, idx) -> "RelativeKernels":
+        """The relative kernels of the first set's images `idx` (of N1), stacked layout kept."""
+        idx = np.asarray(idx, dtype=int)
+        n1 = self.nngp.shape[1] // self.fine
+        rows = (np.arange(self.fine)[:, None] * n1 + idx[None]).ravel()
+        pick = lambda a, r: None if a is None else a[:, r]  # noqa: E731
+        return RelativeKernels(self.group, self.nngp[:, rows], self.ntk[:, rows], pick(self.self1_nngp, rows),
+                               pick(self.self1_ntk, rows), self.self2_nngp, self.self2_ntk,
+                               fine_angles=self.fine_angles,
+                               pair_self_nngp=None if self.pair_self_nngp is None else self.pair_self_nngp[..., idx],
+                               pair_self_ntk=None if self.pair_self_ntk is None else self.pair_self_ntk[..., idx])
+
     def restrict(self, group: PlanarGroup) -> "RelativeKernels":
         """The relative kernels of a subgroup (e.g. C4 inside D4), by element lookup."""
         full = get_group(self.group)
