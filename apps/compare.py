@@ -26,7 +26,7 @@ def _int_list(value: str, option: str) -> tuple[int, ...]:
 
 
 # Options that only the histology comparison has; refused with --task molecules when given.
-HISTOLOGY_ONLY = ("size", "group", "gcnn_width", "gcnn_members", "batch_size")
+HISTOLOGY_ONLY = ("size", "group", "gcnn_width", "gcnn_members", "batch_size", "sweep")
 # Options that only the molecule comparison has; refused with --task histology when given.
 MOLECULES_ONLY = ("rotations", "quadrature_degree")
 
@@ -61,7 +61,8 @@ def compare(
     n_train: int = typer.Option(100, "--n-train", help="Training tiles (class-stratified)."),
     n_test: int = typer.Option(200, "--n-test", help="Held-out tiles."),
     n_ood: int = typer.Option(100, "--n-ood", help="OOD tiles, and as many noise images (0: none)."),
-    group: str = typer.Option("C4", help="Symmetry group: C4 (rotations) or D4 (with reflections)."),
+    group: str = typer.Option("C4", help="Symmetry group: C4 (rotations) or D4 (with reflections), exact on the "
+                                         "grid; C8, C16, D8, D16 by interpolation on disk-masked tiles (no GCNN)."),
     width: int = typer.Option(16, help="CNN channels."),
     gcnn_width: int = typer.Option(8, "--gcnn-width", help="GCNN channels per group element."),
     steps: int = typer.Option(150, help="Gradient-descent steps."),
@@ -82,6 +83,8 @@ def compare(
     width_members: int = typer.Option(4, "--width-members", help="Members per width in the width study."),
     width_n_train: int = typer.Option(40, "--width-n-train", help="Training tiles of the width study."),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the train/test split and of the OOD picks."),
+    sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Histology: accuracy and agreement at every 15° "
+                                                                "(disk-masked test tiles) for kernels and ensembles."),
 ):
     """Train deep ensembles (CNN, CNN with full group augmentation, GCNN) and the NTK models on the same
     tiles and compare accuracy, orbit-same-predictions on test and out-of-distribution inputs, invariance
@@ -104,7 +107,7 @@ def compare(
                               centred=centred,
                               curve_sizes=_int_list(curve_sizes, "--curve-sizes"),
                               widths=_int_list(widths, "--widths"), width_members=width_members,
-                              width_n_train=width_n_train, split_seed=split_seed)
+                              width_n_train=width_n_train, split_seed=split_seed, sweep=sweep)
     if batch_size is not None and batch_size > min(config.n_train, config.width_n_train):
         raise InputError(f"--batch-size {batch_size} exceeds the training tiles (--n-train {config.n_train}, "
                          f"--width-n-train {config.width_n_train})")

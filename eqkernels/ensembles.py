@@ -21,6 +21,15 @@ kernel (`cnn-c4avg`), because the CNN kernel is jointly invariant, Θ(g·x, g·x
 an augmented ensemble at learning rate η/|G| has the mean prediction of the averaged kernel at
 learning rate η (`kernel_learning_rate`), and this mean is exactly invariant (Gerken & Kessel 2024).
 
+Rotations off the grid (`augment="C8"`, "C16", "D8", …): at every step each training input is
+replaced by P_g x for a fresh uniformly drawn g (the interpolated rotations of
+`eqkernels.groups.rotation_group`, the maps the `cnn-c8avg` kernels average over). Because g is
+drawn independently of the current parameters, the expected update is the gradient of
+1/|G| Σ_g Σ_i ½‖f(P_g x_i) − y_i‖², i.e. full-orbit training at η/|G|; so such an ensemble at η
+is on the kernel time of the averaged kernel at η (orbit_size 1). With interpolation the orbit
+Gram matrix no longer maps orbit-constant targets to orbit-constant ones exactly (P_g P_h ≠ P_gh),
+so the averaged kernel is this ensemble's limit only up to the interpolation's composition defect.
+
 Centred networks. A finite ensemble's mean also carries the members' random initial functions
 f(·; θ₀), which average out only as 1/√members and hide the effect of the width. With
 `centred=True` every member is the centred network f(x; θ) − f(x; θ₀) (θ₀ frozen, kept with the
@@ -43,7 +52,7 @@ import numpy as np
 
 from eqkernels import store
 from eqkernels.errors import ModelFileError
-from eqkernels.groups import get_group
+from eqkernels.groups import RotationGroup, get_group, resolve_group
 from eqkernels.kernels.spec import ConvNetSpec
 from eqkernels.progress import Meter
 
@@ -80,7 +89,12 @@ class EnsembleSpec:
         elif self.group is not None:
             raise ValueError("only GCNN ensembles take a group; use `augment` for augmented CNNs")
         if self.augment is not None:
-            get_group(self.augment)
+            group = resolve_group(self.augment)
+            # Off-grid groups must contain the quarter turns (C8 = C4·{0°, 45°}, …): the comparisons'
+            # orbit and sweep computations rely on that exact part.
+            if isinstance(group, RotationGroup) and group.exact.order != (8 if group.name[0] == "D" else 4):
+                raise ValueError(f"augmentation by {group.name} needs n divisible by 4 (C4/D4 inside it), "
+                                 f"e.g. C8, C16, D8")
         for name in ("n_outputs", "members"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -100,9 +114,15 @@ class EnsembleSpec:
         return name + (" centred" if self.centred else "")
 
     @property
+    def random_augment(self) -> bool:
+        """True for a fresh interpolated rotation per step (C8, C16, D8, …) instead of the full orbit."""
+        return self.augment is not None and isinstance(resolve_group(self.augment), RotationGroup)
+
+    @property
     def orbit_size(self) -> int:
-        """How many copies of each training input the network sees (|G| with augmentation, else 1)."""
-        return get_group(self.augment).order if self.augment else 1
+        """How many copies of each training input the network sees per step (|G| with full-orbit
+        augmentation, 1 without augmentation or with a fresh random rotation per step)."""
+        return get_group(self.augment).order if self.augment and not self.random_augment else 1
 
     def to_dict(self) -> dict:
         return {**asdict(self), "net": asdict(self.net)}
@@ -316,6 +336,17 @@ def augmented(inputs: np.ndarray, targets: np.ndarray, group: str) -> tuple[np.n
     return x.reshape((-1,) + x.shape[2:]), np.tile(np.asarray(targets), (g.order,) + (1,) * (np.ndim(targets) - 1))
 
 
+def augment_inputs(key, x, matrices):
+    """x (N, S, S, C) with each input moved by P_g, g drawn uniformly per input: (moved, g (N,)).
+
+    `matrices` (|G|, S², S²) from `RotationGroup.matrices`, so the moves are exactly the group's `act`.
+    """
+    n, size = x.shape[0], x.shape[1]
+    g = jax.random.randint(key, (n,), 0, matrices.shape[0])
+    flat = x.reshape(n, size * size, x.shape[-1])
+    return jnp.einsum("npq,nqc->npc", matrices[g], flat).reshape(x.shape), g
+
+
 def _make_step(spec: EnsembleSpec, n_train: int, shared_targets: bool):
     """(optimizer, one jit-compiled training step for a chunk of members, vmapped over members)."""
     # Cached without the fields the step does not depend on, so ensembles that differ only in
@@ -335,18 +366,20 @@ def _step_fn(spec: EnsembleSpec, n_train: int, shared_targets: bool):
     def member_loss(p, x, y):
         return 0.5 * weight * jnp.sum((apply_fn(p, x) - y) ** 2)
 
-    def member_step(p, opt_state, member_key, k, x_all, y_all):
+    def member_step(p, opt_state, member_key, k, x_all, y_all, matrices):
         key = jax.random.fold_in(member_key, k)
         if batch is None:
             x, y = x_all, y_all
         else:
             idx = jax.random.choice(key, n_train, (batch,), replace=False)
             x, y = x_all[idx], y_all[idx]
+        if matrices is not None:  # a fresh interpolated rotation of every input, every step
+            x = augment_inputs(jax.random.fold_in(key, 1), x, matrices)[0]
         loss, grads = jax.value_and_grad(member_loss)(p, x, y)
         updates, opt_state = optimizer.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
-    step = jax.vmap(member_step, in_axes=(0, 0, 0, None, None, None if shared_targets else 0))
+    step = jax.vmap(member_step, in_axes=(0, 0, 0, None, None, None if shared_targets else 0, None))
     return optimizer, jax.jit(step)
 
 
@@ -372,7 +405,12 @@ def train(spec: EnsembleSpec, inputs: np.ndarray, targets: np.ndarray, *, member
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         raise ValueError("inputs or targets have NaN or infinite values")
     spec.net.check_input_size(x.shape[1])
-    if spec.augment:
+    matrices = None
+    if spec.random_augment:
+        group = resolve_group(spec.augment)
+        group.check_size(x.shape[1])
+        matrices = jnp.asarray(group.matrices(x.shape[1]))
+    elif spec.augment:
         x, y = augmented(x, y, spec.augment)
     n_train, input_shape = len(x), tuple(x.shape[1:])
     if spec.batch_size is not None and spec.batch_size > n_train:
@@ -409,7 +447,7 @@ def train(spec: EnsembleSpec, inputs: np.ndarray, targets: np.ndarray, *, member
             jax.block_until_ready(params)
             tick = _time.perf_counter()
             for k in range(spec.steps):
-                params, opt_state, loss = step(params, opt_state, member_keys, jnp.int32(k), x_dev, y_dev)
+                params, opt_state, loss = step(params, opt_state, member_keys, jnp.int32(k), x_dev, y_dev, matrices)
                 losses.append(loss)
                 if k == 0 and first == 0:  # the first step compiles; time the others on their own
                     jax.block_until_ready(loss)

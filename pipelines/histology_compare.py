@@ -31,7 +31,7 @@ import numpy as np
 from eqkernels import metrics
 from eqkernels.ensembles import EnsembleSpec, size_curve, train
 from eqkernels.errors import InputError
-from eqkernels.groups import get_group
+from eqkernels.groups import RotationGroup, get_group, resolve_group, rotate
 from eqkernels.kernels import ConvNetSpec, KernelSpec
 from eqkernels.kernels.families import family_kernels, left_translate
 from eqkernels.kernels.relative import relative_kernels
@@ -41,7 +41,15 @@ from eqkernels.pipelines.histology import Preprocessing, TileSet, load_tiles, st
 from eqkernels.pipelines.histology_ensemble import HistologyEnsemble
 from eqkernels.solvers import centred_one_hot, dual_coefficients
 
-GROUP_KERNELS = {"C4": ("cnn", "cnn-c4avg", "p4cnn"), "D4": ("cnn", "cnn-d4avg", "d4cnn")}
+# (plain, averaged, GCNN twin or None, other kernels shown); C8…D16 act by interpolation on disk-masked tiles.
+GROUP_KERNELS = {"C4": ("cnn", "cnn-c4avg", "p4cnn"), "D4": ("cnn", "cnn-d4avg", "d4cnn"),
+                 "C8": ("cnn", "cnn-c8avg", None, "cnn-c4avg"), "C16": ("cnn", "cnn-c16avg", None, "cnn-c4avg"),
+                 "D8": ("cnn", "cnn-d8avg", None, "cnn-d4avg"), "D16": ("cnn", "cnn-d16avg", None, "cnn-d4avg")}
+
+
+def kernel_names(group: str) -> list[str]:
+    """Every kernel family the comparison of `group` computes."""
+    return [k for k in GROUP_KERNELS[group] if k is not None]
 
 
 @dataclass
@@ -68,10 +76,15 @@ class CompareConfig:
     width_n_train: int = 40
     split_seed: int = 0
     member_chunk: int = 10         # members per compiled training step
+    sweep: bool = True             # accuracy/agreement at every 15° on the test tiles (kernels and ensembles)
 
     def __post_init__(self):
         if self.group not in GROUP_KERNELS:
             raise InputError(f"--group must be one of {', '.join(GROUP_KERNELS)}, got {self.group!r}")
+        try:
+            resolve_group(self.group).check_size(self.size) if self.interpolated else None
+        except ValueError as e:
+            raise InputError(str(e)) from None
         positive = ("size", "n_train", "n_test", "width", "gcnn_width", "members", "gcnn_members", "seeds",
                     "width_members", "width_n_train", "member_chunk")
         for name in positive:
@@ -87,6 +100,11 @@ class CompareConfig:
             ConvNetSpec().check_input_size(self.size)
         except ValueError as e:
             raise InputError(str(e)) from None
+
+    @property
+    def interpolated(self) -> bool:
+        """True for groups acting by interpolation (every input is then disk-masked)."""
+        return isinstance(resolve_group(self.group), RotationGroup)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -159,7 +177,7 @@ def load_inputs(config: CompareConfig, data: str | Path | None = None, ood: str 
 
 def orbit_inputs(x: np.ndarray, group: str) -> np.ndarray:
     """(|G|·n, S, S, C): all transformed copies, element-major (identity first)."""
-    orbit = get_group(group).orbit(np.asarray(x))
+    orbit = resolve_group(group).orbit(np.asarray(x))
     return orbit.reshape((-1,) + orbit.shape[2:])
 
 
@@ -201,7 +219,12 @@ def measure(orbit_scores: np.ndarray, inputs: Inputs, reference: np.ndarray | No
 
 def kernel_part(config: CompareConfig, inputs: Inputs, net: ConvNetSpec, *, progress=None) -> dict:
     """Relative kernels over the group, the common learning rate η, and μ_k of every kernel family."""
-    group = get_group(config.group)
+    group = resolve_group(config.group)
+    if isinstance(group, RotationGroup):
+        from eqkernels.pipelines import histology_rotations
+
+        return histology_rotations.kernel_part(config, inputs, net, group, kernel_names(config.group),
+                                               progress=progress)
     t0 = time.perf_counter()
     rel_train = relative_kernels(net, inputs.x_train, None, group, progress=progress,
                                  description=f"train × train kernels ({group.name})")
@@ -215,7 +238,7 @@ def kernel_part(config: CompareConfig, inputs: Inputs, net: ConvNetSpec, *, prog
            "pairs": rel_train.stats["pairs"] + rel_eval.stats["pairs"], "models": {},
            "plain_eval_ntk": family_kernels(KernelSpec("cnn", net), rel_eval)["ntk"], "plain_train_ntk": theta_plain}
     test = inputs.slices()["test"]
-    for name in GROUP_KERNELS[config.group]:
+    for name in kernel_names(config.group):
         spec = KernelSpec(name, net)
         k_train = family_kernels(spec, rel_train)["ntk"]
         alpha = dual_coefficients(k_train, inputs.y_train, ridge=0.0, time=config.steps, learning_rate=eta,
@@ -247,22 +270,25 @@ def pool_specs(config: CompareConfig, n_classes: int, eta: float) -> dict[str, E
 
     The GCNN pool needs the group-convolution layers and is left out where they are missing.
     """
-    order = get_group(config.group).order
     net = ConvNetSpec(channels=config.width)
+    # Full-orbit augmentation sees |G| copies per step (rate η/|G|); a fresh rotation per step one.
+    order = 1 if config.interpolated else get_group(config.group).order
     common = dict(n_outputs=n_classes, steps=config.steps, batch_size=config.batch_size, centred=config.centred)
     pools = {
         "cnn": EnsembleSpec(net=net, members=config.seeds * config.members, learning_rate=eta, seed=1, **common),
         "cnn-aug": EnsembleSpec(net=net, members=config.seeds * config.members, learning_rate=eta / order,
                                 augment=config.group, seed=2, **common),
-        "gcnn": EnsembleSpec(net=ConvNetSpec(channels=config.gcnn_width), architecture="gcnn", group=config.group,
-                             members=config.seeds * config.gcnn_members, learning_rate=eta, seed=3, **common),
     }
+    if GROUP_KERNELS[config.group][2] is not None:
+        pools["gcnn"] = EnsembleSpec(net=ConvNetSpec(channels=config.gcnn_width), architecture="gcnn",
+                                     group=config.group, members=config.seeds * config.gcnn_members,
+                                     learning_rate=eta, seed=3, **common)
     return pools
 
 
 def matching_kernel(pool: str, group: str) -> str:
     """The kernel family whose μ_k the pool's ensemble mean approaches."""
-    plain, averaged, gcnn = GROUP_KERNELS[group]
+    plain, averaged, gcnn = GROUP_KERNELS[group][:3]
     return {"cnn": plain, "cnn-aug": averaged, "gcnn": gcnn}[pool]
 
 
@@ -282,10 +308,15 @@ def training_macs(spec: EnsembleSpec, size: int, n_inputs: int) -> float:
 def plan_seconds(config: CompareConfig, n_classes: int, seconds_per_mac: float, pairs_per_second: float,
                  compile_seconds: float, n_eval: int) -> dict[str, float]:
     """Estimated seconds per stage for this configuration (from measured rates)."""
-    order = get_group(config.group).order
+    group = resolve_group(config.group)
+    order = group.order
     pools = pool_specs(config, n_classes, 1.0)
-    est = {"kernels": (config.n_train * (config.n_train + 1) / 2 * order + n_eval * config.n_train * order)
-           / pairs_per_second}
+    if isinstance(group, RotationGroup):  # stacks of m fine angles over H; one pass per fine angle
+        m, h = len(group.fine_angles), group.exact.order
+        pairs = m * m * h * (config.n_train * (config.n_train + 1) / 2 + m * n_eval * config.n_train)
+    else:
+        pairs = config.n_train * (config.n_train + 1) / 2 * order + n_eval * config.n_train * order
+    est = {"kernels": pairs / pairs_per_second}
     for name, spec in pools.items():
         n = config.n_train * spec.orbit_size
         steps_cost = spec.members * spec.steps * training_macs(spec, config.size, n)
@@ -340,10 +371,12 @@ def run(config: CompareConfig, *, data=None, ood=None, budget: float | None = No
     started = time.perf_counter()
     timings = {}
     inputs = load_inputs(config, data, ood)
+    if config.interpolated:
+        inputs = disk_masked(inputs)
     timings["data"] = time.perf_counter() - started
     n_classes = len(inputs.class_names)
     net = ConvNetSpec()
-    group = get_group(config.group)
+    group = resolve_group(config.group)
 
     budget_note = "no budget given: sizes as configured"
     calibration = None
@@ -375,6 +408,11 @@ def run(config: CompareConfig, *, data=None, ood=None, budget: float | None = No
         rows[f"kernel {name}"] = {"kind": "kernel", "label": f"{name} NTK (μ_k)", "values": measure(info["orbit_scores"], inputs),
                       "accuracy_kernel_regression": info["accuracy_kernel_regression"]}
 
+    from eqkernels.pipelines import histology_rotations as hr
+
+    t0 = time.perf_counter()
+    sweep = hr.start_sweep(kernels, inputs, net, group, progress=progress) if config.sweep else None
+    timings["kernel sweep"] = time.perf_counter() - t0
     x_orbits = orbit_inputs(inputs.x_eval, config.group)
     n_eval = len(inputs.x_eval)
     curves, pools_info, saved = {}, {}, {}
@@ -401,6 +439,8 @@ def run(config: CompareConfig, *, data=None, ood=None, budget: float | None = No
             outputs[:, 0, sl["test"]], config.curve_sizes,
             lambda m, ref=reference[0, sl["test"]]: metrics.relative_distance(m, ref))
         curves[pool] = curve
+        if sweep:
+            sweep["rows"][f"ensemble {pool}"] = hr.ensemble_sweep(ens, inputs, seeds=config.seeds)
         timings[f"ensembles {pool}"] = time.perf_counter() - t0
         pools_info[pool] = {"spec": spec.to_dict(), "label": spec.label, "seconds": time.perf_counter() - t0,
                             "train_seconds": ens.seconds, "timing": ens.timing,
@@ -420,8 +460,15 @@ def run(config: CompareConfig, *, data=None, ood=None, budget: float | None = No
             "classes": inputs.class_names, "sets": inputs.descriptions,
             "eta": eta, "lambda_max": kernels["lambda_max"], "kernel_pairs": kernels["pairs"],
             "identity_check": kernels["identity_check"], "rows": rows, "curves": curves, "pools": pools_info,
+            "sweep": sweep, "interpolated": config.interpolated,
             "width_study": width_study, "budget": budget, "budget_note": budget_note, "calibration": calibration,
             "timings": timings, "ensembles": saved}
+
+
+def disk_masked(inputs: Inputs) -> Inputs:
+    """The same inputs with every tile (and noise image) disk-masked, P_0 x: what C_n/D_n act on."""
+    mask = lambda x: rotate(np.asarray(x, np.float32), 0.0)  # noqa: E731
+    return replace(inputs, x_train=mask(inputs.x_train), sets={k: mask(v) for k, v in inputs.sets.items()})
 
 
 def run_width_study(config: CompareConfig, inputs: Inputs, kernels: dict, *, progress=None) -> dict:
@@ -512,7 +559,9 @@ def summary_lines(summary: dict) -> list[str]:
     if avg and plain:
         out.append("- **infinite ensembles (kernels)**: without augmentation invariance error "
                    + ", ".join(f"{SET_TITLES.get(s, s)} {plain['values'][f'invariance_error_{s}']:.3f}" for s in sets)
-                   + f"; with augmentation {max(avg['values'][f'invariance_error_{s}'] for s in sets):.1e} (exact)")
+                   + f"; with augmentation {max(avg['values'][f'invariance_error_{s}'] for s in sets):.1e} "
+                   + ("(off the grid: the interpolation's composition defect)" if summary.get("interpolated")
+                      else "(exact)"))
     gcnn = summary["rows"].get("ensemble gcnn")
     if gcnn:
         worst = max(gcnn["values"][f"invariance_error_{s}"][0] for s in sets)
@@ -548,12 +597,13 @@ def markdown(summary: dict) -> str:
               + ("full-batch gradient descent" if c["batch_size"] is None else f"SGD (minibatches of {c['batch_size']})")
               + f" on ½Σ‖f(x)−y‖² with centred one-hot targets; η = {summary['eta']:.4g} = {c['lr_scale']:g}/λ_max "
               f"(λ_max = {summary['lambda_max']:.4g}, largest eigenvalue of the plain NTK on the training tiles); "
-              f"augmented CNNs see all {order} transformed copies of every tile at η/{order}, which puts them on the "
-              f"same kernel time (their training kernel acts as {order}·Θ_avg on orbit-constant targets)",
+              + _augmentation_note(summary),
               f"- **kernels**: the mean prediction μ_k = Θ(x,X) Θ⁻¹ (I − (I − ηΘ)^k) Y after the same k = {c['steps']} "
               f"discrete gradient-descent steps (the discrete formula, not exp(−ηΘk), so finite and infinite "
-              f"networks are compared at the same step); `{kernels[1]}` is the infinite augmented ensemble, "
-              f"`{kernels[2]}` the infinite GCNN (equal to `{kernels[1]}` for a linear readout)",
+              f"networks are compared at the same step); `{kernels[1]}` is the infinite augmented ensemble"
+              + (f", `{kernels[2]}` the infinite GCNN (equal to `{kernels[1]}` for a linear readout)" if kernels[2]
+                 else f" up to the interpolation's composition defect (the double average over the interpolated "
+                      f"rotations, exactly invariant under the quarter turns only); `{kernels[3]}` for reference"),
               f"- **ensembles**: {c['seeds']} independent ensembles per model (\"seeds\"; mean ± std over them) of "
               + " / ".join(f"{row['members']} {summary['pools'][key.split(' ', 1)[1]]['label']}"
                            for key, row in summary["rows"].items() if row["kind"] == "ensemble") + " members",
@@ -571,6 +621,10 @@ def markdown(summary: dict) -> str:
               "ensembles of every size comparable. *‖mean − μ_k‖/‖μ_k‖*: distance of the ensemble mean on the "
               "held-out tiles to the mean prediction of the matching kernel (cnn → "
               f"{kernels[0]}, augmented → {kernels[1]}, GCNN → {kernels[2]}).", ""]
+    if summary.get("sweep"):
+        from eqkernels.pipelines.histology_rotations import sweep_markdown
+
+        lines += sweep_markdown(summary["sweep"], {k: v["label"] for k, v in summary["rows"].items()})
     lines += ["## Over the number of members", "",
               "Members of all repeats pooled; each size is averaged over disjoint ensembles from the pool.", ""]
     for metric, title in (("invariance_error_test", "invariance error, test"),
@@ -606,6 +660,17 @@ def markdown(summary: dict) -> str:
     lines += ["", "Ensemble files (first repeat of each model) for `eqk histology predict`: "
               + ", ".join(f"`ensembles/{p}.h5`" for p in summary["curves"]) + ".", ""]
     return "\n".join(lines) + "\n"
+
+
+def _augmentation_note(summary: dict) -> str:
+    """How the augmented CNNs were trained, and why their learning rate puts them on the kernel time."""
+    order = summary["group_order"]
+    if summary.get("interpolated"):
+        return (f"all tiles disk-masked; augmented CNNs see a fresh interpolated rotation P_g (g uniform in "
+                f"{summary['group']}) of every tile at every step at η: in expectation full-orbit training at η/{order}, "
+                f"the kernel time of the averaged kernel at η")
+    return (f"augmented CNNs see all {order} transformed copies of every tile at η/{order}, which puts them on the "
+            f"same kernel time (their training kernel acts as {order}·Θ_avg on orbit-constant targets)")
 
 
 def plot(summary: dict, out_dir: Path) -> None:
@@ -645,6 +710,10 @@ def plot(summary: dict, out_dir: Path) -> None:
                 title="distance to the kernel mean prediction")
     save_figure(fig, axes, out_dir / "members.png")
 
+    if summary.get("sweep"):
+        from eqkernels.pipelines.histology_rotations import plot_sweep
+
+        plot_sweep(summary["sweep"], {k: v["label"] for k, v in summary["rows"].items()}, out_dir / "rotation_sweep.png")
     plot_width_study(summary["width_study"], out_dir / "width.png", xlabel="width (channels)",
                      ylabel="‖f − μ_k‖/‖μ_k‖ (test)",
                      title="centred CNNs approach the NTK mean prediction")

@@ -16,10 +16,10 @@ import numpy as np
 
 from eqkernels import store
 from eqkernels.errors import InputError, ModelFileError
-from eqkernels.groups import get_group
+from eqkernels.groups import resolve_group, rotate
 from eqkernels.kernels import ImageKernel, KernelSpec
-from eqkernels.kernels.families import family_kernels, family_self_kernels, left_translate
-from eqkernels.kernels.relative import RelativeKernels
+from eqkernels.kernels.families import family_diagonal, family_kernels, left_translate
+from eqkernels.kernels.relative import RelativeKernels, group_relative_kernels
 from eqkernels.solvers import GaussianPosterior, centred_one_hot, dual_coefficients, mean_prediction
 from eqkernels.pipelines.histology import Preprocessing, TileSet
 
@@ -54,26 +54,25 @@ class HistologyModel:
 
     def relative(self, inputs: np.ndarray, group: str | None = None, *, progress: bool | None = True,
                  checkpoint: str | Path | None = None, description: str = "test × train kernel") -> RelativeKernels:
-        """Relative pooled kernels between preprocessed `inputs` and the training tiles, with self terms."""
-        from eqkernels.kernels.relative import relative_kernels
+        """Relative pooled kernels between preprocessed `inputs` and the training tiles, with self terms.
 
-        group = get_group(group or self.spec.group or "C1")
+        `group`: an exact grid group containing the family's (C4 for a C4 family, D4 …); an
+        interpolated family (C8, C16, …) always uses its own group (stacked inputs).
+        """
+        group = resolve_group(self.spec.group if self.spec.interpolated else (group or self.spec.group))
         # Self terms of the test tiles serve the posterior variance; the training tiles' are only
         # needed by a nonlinear readout.
-        return relative_kernels(self.spec.net, inputs, self.train_inputs, group, need_self=True,
-                                need_self2=self.spec.net.readout != "linear", checkpoint=checkpoint,
-                                progress=progress, description=description)
+        return group_relative_kernels(self.spec.net, inputs, self.train_inputs, group, need_self=True,
+                                      need_self2=self.spec.net.readout != "linear", checkpoint=checkpoint,
+                                      progress=progress, description=description)
 
     def predict_from_relative(self, rel: RelativeKernels, element: int = 0) -> Prediction:
         """Prediction for g·x where g is element number `element` of `rel`'s group (0: x itself)."""
         if element:
             rel = left_translate(rel, element)
-        family_group = get_group(self.spec.group or "C1")
-        if rel.group != family_group.name:
-            rel = rel.restrict(family_group)
         kernels = family_kernels(self.spec, rel)
         scores = mean_prediction(kernels["ntk"], self.dual_coef)
-        diag = family_self_kernels(self.spec, rel.self1_nngp, rel.self1_ntk)["nngp"]
+        diag = family_diagonal(self.spec, rel)["nngp"]
         variance = GaussianPosterior(self.posterior_cholesky).variance(diag, kernels["nngp"])
         return Prediction(scores, np.argmax(scores, axis=1), variance)
 
@@ -135,6 +134,11 @@ def train_model(spec: KernelSpec, train: TileSet, *, size: int, ridge: float = 1
     if len(set(train.labels.tolist())) < 2:
         raise InputError("training data must contain at least two classes")
     spec.net.check_input_size(size)
+    if spec.interpolated:
+        try:
+            resolve_group(spec.group).check_size(size)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     t0 = _time.perf_counter()
     preprocessing = Preprocessing.fit(train.images, size)
     inputs = preprocessing(train.images)
@@ -144,4 +148,27 @@ def train_model(spec: KernelSpec, train: TileSet, *, size: int, ridge: float = 1
     model = fit_from_kernels(spec, preprocessing, train, inputs, kernels, ridge=ridge, time=time,
                              learning_rate=learning_rate, options=options or {})
     t3 = _time.perf_counter()
-    return model, {"preprocess_s": t1 - t0, "kernel_s": t2 - t1, "solve_s": t3 - t2}
+    if spec.interpolated:
+        model.options["invariance_error"] = kernel_invariance_error(spec, inputs, progress=progress)
+    return model, {"preprocess_s": t1 - t0, "kernel_s": t2 - t1, "solve_s": t3 - t2,
+                   "invariance_check_s": _time.perf_counter() - t3}
+
+
+def kernel_invariance_error(spec: KernelSpec, inputs: np.ndarray, *, probes: int = 4, references: int = 32,
+                            progress: bool | None = None) -> dict:
+    """Measured invariance error of an interpolated family's NTK under its off-grid rotations.
+
+    For each fine angle a ≠ 0: max |Θ_G(P_a x, y) − Θ_G(x, y)| / max |Θ_G(x, y)| over `probes` tiles x
+    and `references` tiles y of `inputs` (the grid rotations are exact and not measured). The
+    double average is exact; this is what the interpolation's composition defect leaves.
+    """
+    group = resolve_group(spec.group)
+    x, y = inputs[:probes], inputs[:references]
+    kernel = ImageKernel(spec, progress=progress)
+    base = kernel(x, y, get="ntk")
+    out = {}
+    for angle in group.fine_angles[1:]:
+        moved = kernel(rotate(x, angle), y, get="ntk")
+        out[f"{angle:g}"] = float(np.max(np.abs(moved - base)) / max(np.max(np.abs(base)), 1e-300))
+    return {"measure": "max |K(P_a x, y) − K(x, y)| / max |K(x, y)| (NTK)", "probes": int(len(x)),
+            "references": int(len(y)), "by_angle": out, "max": max(out.values()) if out else 0.0}

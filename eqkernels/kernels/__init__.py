@@ -12,9 +12,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from eqkernels.groups import PlanarGroup, get_group
+from eqkernels.groups import PlanarGroup, RotationGroup, resolve_group
 from eqkernels.kernels.families import family_kernels, readout
-from eqkernels.kernels.relative import RelativeKernels, relative_kernels
+from eqkernels.kernels.relative import RelativeKernels, group_relative_kernels, relative_kernels
 from eqkernels.kernels.spec import KERNEL_FAMILIES, ConvNetSpec, KernelSpec
 
 __all__ = ["ImageKernel", "KernelSpec", "ConvNetSpec", "KERNEL_FAMILIES", "RelativeKernels",
@@ -33,22 +33,22 @@ class ImageKernel:
         self.memory_budget_mb = memory_budget_mb
 
     @property
-    def group(self) -> PlanarGroup:
-        return get_group(self.spec.group or "C1")
+    def group(self) -> PlanarGroup | RotationGroup:
+        return resolve_group(self.spec.group)
 
-    def relative(self, x1, x2=None, *, group: PlanarGroup | str | None = None, checkpoint: str | Path | None = None,
-                 keep_checkpoint: bool = True, description: str | None = None) -> RelativeKernels:
+    def relative(self, x1, x2=None, *, group: PlanarGroup | RotationGroup | str | None = None,
+                 checkpoint: str | Path | None = None, keep_checkpoint: bool = True,
+                 description: str | None = None) -> RelativeKernels:
         """Relative pooled kernels over `group` (default: the family's group) — reusable across families.
 
         With `checkpoint`, finished blocks are kept there until the caller has stored the result
         (`keep_checkpoint=False` removes them as soon as the computation finishes).
         """
-        return relative_kernels(self.spec.net, np.asarray(x1), None if x2 is None else np.asarray(x2),
-                                group or self.group, need_self=self.spec.net.readout != "linear",
-                                dtype=self.dtype, block_size=self.block_size, checkpoint=checkpoint,
-                                keep_checkpoint=keep_checkpoint, memory_budget_mb=self.memory_budget_mb,
-                                progress=self.progress,
-                                description=description or f"{self.spec.name} kernel")
+        return group_relative_kernels(self.spec.net, np.asarray(x1), None if x2 is None else np.asarray(x2),
+                                      group or self.group, need_self=self.spec.net.readout != "linear",
+                                      dtype=self.dtype, block_size=self.block_size, checkpoint=checkpoint,
+                                      keep_checkpoint=keep_checkpoint, memory_budget_mb=self.memory_budget_mb,
+                                      progress=self.progress, description=description or f"{self.spec.name} kernel")
 
     def __call__(self, x1, x2=None, get: str | tuple = ("nngp", "ntk"), **kwargs):
         """Kernel matrices between images x1 (N1,H,W,C) and x2 (N2,H,W,C) (x2=None: x1 with itself)."""

@@ -7,6 +7,11 @@ rerun with the same inputs computes no finished block twice. The folder carries 
 of the inputs and the network; a folder made for other inputs is refused.
 
 Blocks are spread over all local JAX devices.
+
+Interpolated groups (`RotationGroup`, C8, C16, D8, …): elements h·P_φ, h in an exact grid group H.
+The CNN kernel is jointly invariant under H, so K(h·P_φ x, h'·P_ψ x') = K(P_φ x, h⁻¹h'·P_ψ x'):
+every kernel between two orbits is a relative kernel over H between the *stacks* [P_φ x]_φ and
+[P_ψ x']_ψ (`rotation_relative_kernels`), (|G|/|H|)² × |H| relative kernels in place of |G|².
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqkernels.errors import InputError
-from eqkernels.groups import PlanarGroup, get_group
+from eqkernels.groups import PlanarGroup, RotationGroup, get_group, resolve_group
 from eqkernels.kernels.engine import (PairEvaluator, check_group_fits_images, default_pairs_per_step,
                                      pair_working_set_bytes)
 from eqkernels.kernels.spec import ConvNetSpec
@@ -49,6 +54,28 @@ class RelativeKernels:
     self2_nngp: np.ndarray | None = None
     self2_ntk: np.ndarray | None = None
     stats: dict = field(default_factory=dict)  # blocks, blocks resumed from a checkpoint, pairs, seconds
+    # Stacked inputs of an interpolated group (see `rotation_relative_kernels`): image i of a set
+    # stands for the m = len(fine_angles) rows φ·N + i, [P_φ x_i]_φ; (0.0,) for plain inputs.
+    fine_angles: tuple = (0.0,)
+    # (|H|, m, m, N1): K_pool(P_φ x1_i, h·P_ψ x1_i), for the family's K(x, x) of stacked inputs.
+    pair_self_nngp: np.ndarray | None = None
+    pair_self_ntk: np.ndarray | None = None
+
+    @property
+    def fine(self) -> int:
+        return len(self.fine_angles)
+
+    def take_rows(self, idx) -> "RelativeKernels":
+        """The relative kernels of the first set's images `idx` (of N1), stacked layout kept."""
+        idx = np.asarray(idx, dtype=int)
+        n1 = self.nngp.shape[1] // self.fine
+        rows = (np.arange(self.fine)[:, None] * n1 + idx[None]).ravel()
+        pick = lambda a, r: None if a is None else a[:, r]  # noqa: E731
+        return RelativeKernels(self.group, self.nngp[:, rows], self.ntk[:, rows], pick(self.self1_nngp, rows),
+                               pick(self.self1_ntk, rows), self.self2_nngp, self.self2_ntk,
+                               fine_angles=self.fine_angles,
+                               pair_self_nngp=None if self.pair_self_nngp is None else self.pair_self_nngp[..., idx],
+                               pair_self_ntk=None if self.pair_self_ntk is None else self.pair_self_ntk[..., idx])
 
     def restrict(self, group: PlanarGroup) -> "RelativeKernels":
         """The relative kernels of a subgroup (e.g. C4 inside D4), by element lookup."""
@@ -56,7 +83,9 @@ class RelativeKernels:
         idx = [full.elements.index(g) for g in group.elements]
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
         return RelativeKernels(group.name, self.nngp[idx], self.ntk[idx], pick(self.self1_nngp),
-                               pick(self.self1_ntk), pick(self.self2_nngp), pick(self.self2_ntk))
+                               pick(self.self1_ntk), pick(self.self2_nngp), pick(self.self2_ntk),
+                               fine_angles=self.fine_angles, pair_self_nngp=pick(self.pair_self_nngp),
+                               pair_self_ntk=pick(self.pair_self_ntk))
 
 
 def _fingerprint(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None, group: PlanarGroup, dtype) -> str:
@@ -268,3 +297,62 @@ def relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None = N
     if not keep_checkpoint:
         store.remove()
     return result
+
+
+def fine_stack(x: np.ndarray, fine_angles: tuple) -> np.ndarray:
+    """(m·N, S, S, C): [P_φ x_i] angle-major (row φ·N + i), m = len(fine_angles)."""
+    from eqkernels.groups import rotate
+
+    x = np.asarray(x)
+    x = x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32)  # float64 stays float64
+    return np.concatenate([rotate(x, phi) for phi in fine_angles])
+
+
+def rotation_relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None, group: RotationGroup, *,
+                              need_self: bool = False, dtype=jnp.float32, **kwargs) -> RelativeKernels:
+    """Relative kernels over the exact subgroup H between the stacks [P_φ x1]_φ and [P_ψ x2]_ψ.
+
+    Arrays (|H|, m·N1, m·N2) with `fine_angles` set; with `need_self` also the self terms of the
+    stacks and `pair_self_*` (|H|, m, m, N1) = K_pool(P_φ x1_i, h·P_ψ x1_i). Other keyword
+    arguments go to `relative_kernels`.
+    """
+    s1 = fine_stack(x1, group.fine_angles)
+    s2 = None if x2 is None else fine_stack(x2, group.fine_angles)
+    rel = relative_kernels(net, s1, s2, group.exact, need_self=need_self, dtype=dtype, **kwargs)
+    rel.fine_angles = tuple(group.fine_angles)
+    if need_self:
+        m, n1 = rel.fine, len(x1)
+        if s2 is None:
+            # Symmetric: the pairs of one tile's stack are entries of the matrix itself.
+            phi, psi, i = np.meshgrid(np.arange(m), np.arange(m), np.arange(n1), indexing="ij")
+            a, b = phi * n1 + i, psi * n1 + i
+            rel.pair_self_nngp, rel.pair_self_ntk = rel.nngp[:, a, b], rel.ntk[:, a, b]
+        else:
+            rel.pair_self_nngp, rel.pair_self_ntk = _pair_self_terms(net, s1, n1, m, group.exact, dtype)
+    return rel
+
+
+def _pair_self_terms(net: ConvNetSpec, stack: np.ndarray, n: int, m: int, exact: PlanarGroup, dtype):
+    """(|H|, m, m, N) NNGP and NTK pooled kernels K(P_φ x_i, h·P_ψ x_i) of one stack (m·N images)."""
+    phi, psi, i = np.meshgrid(np.arange(m), np.arange(m), np.arange(n), indexing="ij")
+    left, right = (phi * n + i).ravel(), (psi * n + i).ravel()
+    chunk = 1 << int(np.ceil(np.log2(max(min(len(left), 256), 1))))
+    pad = (-len(left)) % chunk
+    left_p, right_p = np.concatenate([left, np.zeros(pad, int)]), np.concatenate([right, np.zeros(pad, int)])
+    out = np.empty((2, exact.order, len(left)))
+    for h, element in enumerate(exact.elements):
+        ev = PairEvaluator(net, stack, exact.act(stack, element), dtype=dtype,
+                           pairs_per_step=default_pairs_per_step(net, int(stack.shape[1]), dtype))
+        parts = [ev(left_p[s:s + chunk], right_p[s:s + chunk]) for s in range(0, len(left_p), chunk)]
+        out[0, h] = np.concatenate([p[0] for p in parts])[:len(left)]
+        out[1, h] = np.concatenate([p[1] for p in parts])[:len(left)]
+    shape = (exact.order, m, m, n)
+    return out[0].reshape(shape), out[1].reshape(shape)
+
+
+def group_relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None, group, **kwargs) -> RelativeKernels:
+    """`relative_kernels` for exact grid groups, `rotation_relative_kernels` for interpolated ones."""
+    group = resolve_group(group)
+    if isinstance(group, RotationGroup):
+        return rotation_relative_kernels(net, x1, x2, group, **kwargs)
+    return relative_kernels(net, x1, x2, group, **kwargs)

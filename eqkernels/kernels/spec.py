@@ -9,7 +9,16 @@ A `KernelSpec` names one kernel family built on that CNN:
 - `cnn-c4avg`, `cnn-d4avg`: the kernel averaged over the group acting on one argument,
   K_avg(x, x') = 1/|G| Σ_g K(x, g·x'), i.e. an infinite ensemble trained with full augmentation;
 - `p4cnn`, `d4cnn`: the group-convolutional twin (lifting conv, group convs, group pooling,
-  same readout). With a linear readout it equals the averaged kernel exactly.
+  same readout). With a linear readout it equals the averaged kernel exactly;
+- `cnn-c8avg`, `cnn-c16avg`, `cnn-d8avg`, `cnn-d16avg`: rotations off the grid (P_g: bilinear on
+  the disk-masked tile, `eqkernels.groups.rotation_group`). Because P_g does not invert by a
+  transpose and interpolations do not compose, the one-sided average is neither symmetric nor
+  invariant; these are the symmetric double average
+      K_G(x, x') = 1/|G|² Σ_{g,h} K(P_g x, P_h x'),
+  the exact NNGP/NTK of the symmetrised network f̄(x) = 1/|G| Σ_g f(P_g x), symmetric PSD. It is
+  exactly invariant under the grid rotations (and mirrorings) in G and approximately under the
+  others: K_G(P_a x, ·) − K_G(x, ·) is bounded by the interpolation's composition defect
+  ‖P_g P_a x − P_{ga} x‖ (see `eqkernels.kernels.families.invariance_bound`).
 """
 from __future__ import annotations
 
@@ -66,6 +75,10 @@ KERNEL_FAMILIES: dict[str, tuple[str, str | None]] = {
     "cnn-d4avg": ("averaged", "D4"),
     "p4cnn": ("gcnn", "C4"),
     "d4cnn": ("gcnn", "D4"),
+    "cnn-c8avg": ("averaged", "C8"),
+    "cnn-c16avg": ("averaged", "C16"),
+    "cnn-d8avg": ("averaged", "D8"),
+    "cnn-d16avg": ("averaged", "D16"),
 }
 
 
@@ -90,8 +103,19 @@ class KernelSpec:
 
     @property
     def invariant_group(self) -> str | None:
-        """The group under which the kernel is exactly invariant in each argument (None for `cnn`)."""
-        return self.group
+        """The group under which the kernel is exactly invariant in each argument (None for `cnn`);
+        for an interpolated group its exact grid subgroup (C4 for C8/C16, D4 for D8/D16)."""
+        if self.group is None:
+            return None
+        from eqkernels.groups import resolve_group
+
+        group = resolve_group(self.group)
+        return group.name if not hasattr(group, "fine_angles") else group.exact.name
+
+    @property
+    def interpolated(self) -> bool:
+        """True for families over rotations off the pixel grid (disk-masked, interpolated)."""
+        return self.group is not None and self.invariant_group != self.group
 
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "net": asdict(self.net)}, sort_keys=True)
