@@ -76,7 +76,7 @@ def _quadrature_summary(model) -> str:
         return "no quadrature (not invariant)"
     if "quadrature_error_self_pair" not in meta:  # models saved before the corrected measure
         return f"per-atom quadrature error {meta.get('quadrature_error', 0):.1e} (old measure: pairs of different atoms)"
-    flag = " [speed option, below default]" if meta.get("quadrature_below_default") else ""
+    flag = " (a speed option, below the default)" if meta.get("quadrature_below_default") else ""  # no [..]: rich markup
     return (f"quadrature degree {model.kernel_spec.quadrature_degree}{flag}: per-atom NTK error "
             f"{meta['quadrature_error']:.1e} (self pairs {meta['quadrature_error_self_pair']:.1e}, rotated copies "
             f"{meta['quadrature_error_rotation']:.1e}), invariance error of predictions "
