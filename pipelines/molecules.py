@@ -389,6 +389,25 @@ def quadrature_figures(meta: dict) -> dict:
     return {k: meta.get(k) for k in keys}
 
 
+def _fit_dual(spec: AtomKernelSpec, k_train: np.ndarray, residual: np.ndarray, ridge: float | None,
+              kernel_error: float, change: np.ndarray) -> tuple[float, np.ndarray]:
+    """(ridge, dual coefficients (N,)): the given ridge, or leave-one-out above `ridge_floor(kernel_error)`.
+
+    At the default degree (or finer) the chosen ridge must also keep the invariance error of the fitted
+    predictions (`change`: kernel rows of rotated minus original training molecules) below
+    `INVARIANCE_TARGET`; a speed option only reports it.
+    """
+    if ridge is not None:
+        if not ridge > 0:
+            raise InputError(f"--ridge must be positive, got {ridge}")
+        return ridge, _solve_ridge(k_train, residual, ridge)
+    keeps_invariance = None
+    if spec.name != "mlp" and spec.quadrature_degree >= DEFAULT_QUADRATURE_DEGREE:
+        keeps_invariance = lambda a: prediction_invariance(change, k_train, a) <= INVARIANCE_TARGET  # noqa: E731
+    ridge, _, alpha = _select_ridge(k_train, residual, min_ridge=ridge_floor(kernel_error), admissible=keeps_invariance)
+    return ridge, alpha
+
+
 def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *, unit: str | None = None,
               env_spec: EnvironmentSpec | None = None, kernel_spec: AtomKernelSpec | None = None,
               ridge: float | None = None, max_atoms: int | None = None, progress: bool | None = None,
@@ -435,18 +454,7 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
     n_check = min(INVARIANCE_CHECK_MOLECULES, len(train))
     parts = {"x": x, "mol": mol, "scale": scale, "l0_mean": l0_mean, "env_spec": env_spec}
     change = _kernel_change_under_motion(mk, parts, train.subset(np.arange(n_check)), k_train[:n_check])
-    if ridge is None:
-        # At the default degree (or finer) the ridge must also keep the measured invariance error of the
-        # fitted predictions below the target; a speed option only flags it (see `ridge_floor`).
-        keeps_invariance = None
-        if kernel_spec.name != "mlp" and kernel_spec.quadrature_degree >= DEFAULT_QUADRATURE_DEGREE:
-            keeps_invariance = lambda a: prediction_invariance(change, k_train, a) <= INVARIANCE_TARGET  # noqa: E731
-        ridge, _, alpha = _select_ridge(k_train, residual, min_ridge=ridge_floor(q_errors["max"]),
-                                        admissible=keeps_invariance)
-    else:
-        if not ridge > 0:
-            raise InputError(f"--ridge must be positive, got {ridge}")
-        alpha = _solve_ridge(k_train, residual, ridge)
+    ridge, alpha = _fit_dual(kernel_spec, k_train, residual, ridge, q_errors["max"], change)
     max_atoms = max_atoms or 2 * int(train.n_atoms.max())
     info = {"n_train": len(train), "train_names": list(train.names)[:5000], "data": train.source,
             "kernel_seconds": mk.last_seconds, **(meta or {})}
