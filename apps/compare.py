@@ -77,8 +77,9 @@ def compare(
                                                                       "networks f(x;θ) − f(x;θ₀) (the width study "
                                                                       "always is) [molecules default: centred]."),
     rotations: int = typer.Option(3, help="Molecules: random rotations per molecule for the invariance error."),
-    quadrature_degree: int = typer.Option(5, "--quadrature-degree", help="Molecules: SO(3) quadrature degree of the "
-                                                                         "mlp-so3avg and so3gcnn kernels."),
+    quadrature_degree: int = typer.Option(17, "--quadrature-degree", help="Molecules: SO(3) quadrature degree of the "
+                                                                          "mlp-so3avg and so3gcnn kernels (lower: a "
+                                                                          "speed option, flagged in the report)."),
     widths: str = typer.Option("16,32,64,128", help="Widths of the centred width study."),
     width_members: int = typer.Option(4, "--width-members", help="Members per width in the width study."),
     width_n_train: int = typer.Option(40, "--width-n-train", help="Training tiles of the width study."),

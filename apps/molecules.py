@@ -35,7 +35,9 @@ def train(
     unit: Optional[str] = typer.Option(None, "--unit", help="Output unit for energies: eV (default), meV, Ha, kcal/mol."),
     l_max: int = typer.Option(3, "--l-max", help="Spherical-harmonic degree of the atom environments."),
     cutoff: float = typer.Option(4.0, "--cutoff", help="Neighbour cutoff radius (Å)."),
-    quadrature: int = typer.Option(7, "--quadrature", help="SO(3) quadrature degree (mlp-so3avg, so3gcnn)."),
+    quadrature: Optional[int] = typer.Option(None, "--quadrature", help="SO(3) quadrature degree (mlp-so3avg, "
+                                             "so3gcnn); default 17 (invariance error of predictions < 1e-3). Lower "
+                                             "degrees are a speed option, flagged in the output."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Hidden layers (mlp) / group convolutions (so3gcnn)."),
     ridge: Optional[float] = typer.Option(None, "--ridge", help="Relative ridge; default: chosen by leave-one-out."),
     max_atoms: Optional[int] = typer.Option(None, "--max-atoms", help="Largest molecule the model accepts "
@@ -44,12 +46,12 @@ def train(
     """Fit a model on N training molecules and save it."""
     mp = _pipeline()
     from eqkernels.environments import EnvironmentSpec
-    from eqkernels.so3 import AtomKernelSpec
+    from eqkernels.so3 import DEFAULT_QUADRATURE_DEGREE, AtomKernelSpec
 
     try:
         env = EnvironmentSpec(l_max=l_max, cutoff=cutoff)
-        spec = AtomKernelSpec(kernel, quadrature_degree=quadrature,
-                              **({"depth": depth} if depth is not None else {}))
+        options = {k: v for k, v in (("quadrature_degree", quadrature), ("depth", depth)) if v is not None}
+        spec = AtomKernelSpec(kernel, **options)
     except ValueError as e:
         raise InputError(str(e)) from None
     path = data or str(mp.default_data_path())
@@ -66,8 +68,26 @@ def train(
                          meta={"split_seed": seed, "data": str(path)})
     model.save(out)
     console.print(f"{out}: {kernel} model of {target} ({model.unit}) on {model.n_train} molecules, "
-                  f"ridge {model.ridge:g}, per-atom quadrature error {model.meta['quadrature_error']:.1e}, "
+                  f"ridge {model.ridge:g}, {_quadrature_summary(model)}, "
                   f"kernel {model.meta['kernel_seconds']:.1f} s")
+    if model.meta.get("quadrature_below_default"):
+        console.print(f"speed option: quadrature degree {spec.quadrature_degree} is below the default "
+                      f"{DEFAULT_QUADRATURE_DEGREE}; predictions move by up to "
+                      f"{model.meta['invariance_error_rel_train']:.1e} of their size under rotation")
+
+
+def _quadrature_summary(model) -> str:
+    """The model's measured SO(3) quadrature figures, in one phrase (or that it has none: `mlp`)."""
+    meta = model.meta
+    if model.kernel_spec.name == "mlp":
+        return "no quadrature (not invariant)"
+    if "quadrature_error_self_pair" not in meta:  # models saved before the corrected measure
+        return f"per-atom quadrature error {meta.get('quadrature_error', 0):.1e} (old measure: pairs of different atoms)"
+    flag = " (a speed option, below the default)" if meta.get("quadrature_below_default") else ""  # no [..]: rich markup
+    return (f"quadrature degree {model.kernel_spec.quadrature_degree}{flag}: per-atom NTK error "
+            f"{meta['quadrature_error']:.1e} (self pairs {meta['quadrature_error_self_pair']:.1e}, rotated copies "
+            f"{meta['quadrature_error_rotation']:.1e}), invariance error of predictions "
+            f"{meta['invariance_error_rel_train']:.1e} on rotated training molecules")
 
 
 @app.command()
@@ -159,8 +179,9 @@ def report(
     summary = {"model": str(model_path), "target": model.target, "unit": model.unit,
                "kernel": model.kernel_spec.name, "n_train": model.n_train, "data": str(path),
                **{k: v for k, v in result.items() if k not in ("predictions", "predictions_transformed", "targets", "k_test")},
-               "learning_curve": curve, "quadrature_degree": model.kernel_spec.quadrature_degree,
-               "quadrature_error_per_atom_ntk": model.meta.get("quadrature_error"), "ridge": model.ridge}
+               "learning_curve": curve, "ridge": model.ridge, "quadrature_degree": model.kernel_spec.quadrature_degree,
+               **{k: v for k, v in model.meta.items() if k.startswith("quadrature_")},
+               "invariance_error_rel_train": model.meta.get("invariance_error_rel_train")}
     with atomic_dir(out) as tmp:
         (tmp / "report.json").write_text(json.dumps(to_jsonable(summary), indent=2) + "\n")
         lines = ["name,target,predicted,predicted_transformed"]
@@ -172,5 +193,4 @@ def report(
     console.print(f"{model.kernel_spec.name} {model.target}: MAE {result['mae']:.4g} {model.unit}, "
                   f"RMSE {result['rmse']:.4g}, MAE on rotated copies {result['mae_transformed']:.4g}, invariance error "
                   f"{result['invariance_error_abs']:.3g} {model.unit} max ({result['invariance_error_rel']:.2e} of the "
-                  f"learned part; per-atom quadrature error {model.meta.get('quadrature_error', 0):.1e}) "
-                  f"on {len(test)} molecules → {out}")
+                  f"learned part) on {len(test)} molecules; {_quadrature_summary(model)} → {out}")

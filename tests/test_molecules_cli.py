@@ -54,6 +54,10 @@ def test_model_file_holds_what_prediction_needs(model_file):
     assert {"x_train", "mol_train", "alpha", "y_train", "channel_scale", "l0_mean", "element_coef"} <= set(arrays)
     assert arrays["alpha"].shape == (N_TRAIN,) and "jax" in meta["versions"]
     assert meta["quadrature_error"] < 0.05
+    # degree 5 is a speed option: flagged, and its error measured where it is largest (self pairs, rotated copies)
+    assert meta["quadrature_degree"] == 5 and meta["quadrature_below_default"] is True
+    assert meta["quadrature_error"] == max(meta["quadrature_error_self_pair"], meta["quadrature_error_rotation"])
+    assert meta["quadrature_error"] > 1e-3 and meta["invariance_error_rel_train"] > 0
 
 
 def test_predict_lines_and_json(model_file, xyz_files, capsys):
@@ -99,6 +103,7 @@ def test_report_writes_metrics_and_learning_curve(model_file, tmp_path, capsys):
     assert 0 < report["mae"] < 3.0 and report["rmse"] >= report["mae"]          # eV
     assert abs(report["mae_transformed"] - report["mae"]) < 0.05
     assert [r["n_train"] for r in report["learning_curve"]][-1] == N_TRAIN
+    assert report["quadrature_below_default"] is True and "speed option" in out
     png = (out_dir / "learning_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     assert len((out_dir / "predictions.csv").read_text().splitlines()) == 31
