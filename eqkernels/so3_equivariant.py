@@ -63,11 +63,12 @@ def pooling_matrix(quadrature, degrees: tuple[int, ...]) -> np.ndarray:
     return quadrature.weights[:, None] * cols
 
 
-class EquivariantAtomKernel:
+class EquivariantAtomKernel(AtomKernel):
     """Per-atom matrix-valued kernel: (nngp, ntk), each (n1, n2, Σ_λ (2λ+1)²), for the output degrees.
 
-    Same interface as `AtomKernel` (prepare once per tile, pair per tile pair), so the molecule
-    kernel sums its blocks over atom pairs unchanged.
+    An `AtomKernel` (same grid, weights, prepared self variances, `prepare`/`pair`/call) whose
+    readout contracts the grid with w_q D^λ(G_q) instead of w_q, so the molecule kernel sums its
+    blocks over atom pairs unchanged.
     """
 
     def __init__(self, spec: AtomKernelSpec, l_max: int, degrees: tuple[int, ...], dtype=jnp.float32):
@@ -77,31 +78,18 @@ class EquivariantAtomKernel:
         if not degrees or min(degrees) < 0 or max(degrees) > spec.quadrature_degree:
             raise ValueError(f"output degrees {degrees} must lie in 0..{spec.quadrature_degree} "
                              "(the quadrature degree, so that Σ w D^λ is exact)")
-        self.spec, self.l_max, self.degrees = spec, l_max, tuple(degrees)
-        self.scalar = AtomKernel(spec, l_max, dtype=dtype)   # its grid, weights and prepared self variances
+        self.degrees = tuple(degrees)
         self.pool = jnp.asarray(pooling_matrix(spec.quadrature, self.degrees), dtype)
         self.block_size = self.pool.shape[1]
-        self._pair = jax.jit(self._pair_impl)
+        super().__init__(spec, l_max, dtype=dtype)
 
     def _pair_impl(self, p1, p2):
         (x1, v1), (x2, v2) = p1, p2
-        s = self.scalar
         if self.spec.name == "mlp-so3avg":
             # the scalar head on the grid contracted with w_q D^λ(G_q) instead of w_q
-            return mlp_so3avg_kernels(self.spec, x1, x2, s.wigner, self.pool)
-        return so3gcnn_kernels(self.spec, x1, x2, v1, v2, s.wigner, s.weights, s.filter_band_limit, pool=self.pool)
-
-    def prepare(self, x):
-        return self.scalar.prepare(x)
-
-    def pair(self, p1, p2):
-        return self._pair(p1, p2)
-
-    def __call__(self, x1, x2=None):
-        p1 = self.prepare(x1)
-        p2 = p1 if x2 is None else self.prepare(x2)
-        nngp, ntk = self.pair(p1, p2)
-        return {"nngp": np.asarray(nngp), "ntk": np.asarray(ntk)}
+            return mlp_so3avg_kernels(self.spec, x1, x2, self.wigner, self.pool)
+        return so3gcnn_kernels(self.spec, x1, x2, v1, v2, self.wigner, self.weights, self.filter_band_limit,
+                               pool=self.pool)
 
 
 def degree_block(flat: np.ndarray, degrees: tuple[int, ...], degree: int) -> np.ndarray:
