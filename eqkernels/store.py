@@ -137,3 +137,18 @@ def load(path: str | Path, kind: str | tuple[str, ...] | None = None) -> tuple[d
     except ValueError:
         raise ModelFileError("metadata is not valid JSON", path) from None
     return meta, arrays
+
+
+def load_model_file(path: str | Path, kind: str, max_version: int, arrays_needed: set[str], *,
+                    label: str = "model") -> tuple[dict, dict[str, np.ndarray]]:
+    """`load`, then refuse a `model_version` newer than `max_version` (or missing) and missing arrays,
+    each with one line naming the file."""
+    meta, arrays = load(path, kind)
+    version = meta.get("model_version")
+    if not isinstance(version, int) or version > max_version:
+        raise ModelFileError(f"{label} version {version} is newer than this eqkernels reads ({max_version}); "
+                             "upgrade eqkernels", path)
+    missing = set(arrays_needed) - set(arrays)
+    if missing:
+        raise ModelFileError(f"model lacks arrays {sorted(missing)}", path)
+    return meta, arrays

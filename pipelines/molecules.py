@@ -336,14 +336,8 @@ def load_model(path: str | Path) -> MoleculeModel:
     """Read a model file; refuses other kinds, newer versions and unknown spec fields with one line."""
     from eqkernels import store
 
-    meta, arrays = store.load(path, MODEL_KIND)
-    version = meta.get("model_version")
-    if not isinstance(version, int) or version > MODEL_VERSION:
-        raise ModelFileError(f"molecule model version {version} is newer than this eqkernels reads "
-                             f"({MODEL_VERSION}); upgrade eqkernels", path)
-    missing = {"x_train", "mol_train", "alpha", "y_train", "channel_scale", "l0_mean", "element_coef"} - set(arrays)
-    if missing:
-        raise ModelFileError(f"model lacks arrays {sorted(missing)}", path)
+    meta, arrays = store.load_model_file(path, MODEL_KIND, MODEL_VERSION, {"x_train", "mol_train", "alpha", "y_train",
+                                         "channel_scale", "l0_mean", "element_coef"}, label="molecule model")
     try:
         env = EnvironmentSpec.from_dict(meta["env_spec"])
         spec = AtomKernelSpec.from_dict(meta["kernel_spec"])

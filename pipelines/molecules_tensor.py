@@ -133,14 +133,9 @@ def load_tensor_model(path: str | Path) -> TensorModel:
     """Read a tensor model file; other kinds, newer versions and unknown fields are refused with one line."""
     from eqkernels import store
 
-    meta, arrays = store.load(path, TENSOR_MODEL_KIND)
-    version = meta.get("model_version")
-    if not isinstance(version, int) or version > TENSOR_MODEL_VERSION:
-        raise ModelFileError(f"tensor model version {version} is newer than this eqkernels reads "
-                             f"({TENSOR_MODEL_VERSION}); upgrade eqkernels", path)
-    needed = {"x_train", "mol_train", "alpha0", "alpha2", "channel_scale", "l0_mean", "element_coef"}
-    if needed - set(arrays):
-        raise ModelFileError(f"model lacks arrays {sorted(needed - set(arrays))}", path)
+    meta, arrays = store.load_model_file(path, TENSOR_MODEL_KIND, TENSOR_MODEL_VERSION,
+                                         {"x_train", "mol_train", "alpha0", "alpha2", "channel_scale", "l0_mean",
+                                          "element_coef"}, label="tensor model")
     try:
         env, spec = EnvironmentSpec.from_dict(meta["env_spec"]), AtomKernelSpec.from_dict(meta["kernel_spec"])
         fixed = (meta["target"], meta["unit"], int(meta["max_atoms"]), tuple(float(r) for r in meta["ridges"]))
