@@ -93,6 +93,7 @@ def main(argv=None) -> int:
 
     from eqkernels.environments import EnvironmentSpec, atom_environments, channel_scales
     from eqkernels.molecule_kernel import MoleculeKernel
+    from eqkernels.solvers import select_ridge_loo
     from eqkernels.pipelines import molecules as mp
     from eqkernels.so3 import DEFAULT_QUADRATURE_DEGREE, AtomKernelSpec, quadrature_error
 
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
             tr = pool[:n]
             coef = np.linalg.lstsq(counts_all[tr], y_all[tr], rcond=None)[0]
             resid_tr = y_all[tr] - counts_all[tr] @ coef
-            ridge, loo, alpha = mp._select_ridge(k_train, resid_tr,
+            ridge, loo, alpha = select_ridge_loo(k_train, resid_tr,
                                                  min_ridge=mp.ridge_floor(st["quadrature_error"]))
             pred = counts_all[test_idx] @ coef + k_test @ alpha
             err = pred - y_all[test_idx]

@@ -64,7 +64,8 @@ def _scalar_fit(kernel_name, degree, train, y, test_sets):
     """Six independent kernel regressions (ridge by leave-one-out each); predictions (n, 6) per test set."""
     from eqkernels.environments import EnvironmentSpec, atom_environments, channel_scales
     from eqkernels.molecule_kernel import MoleculeKernel
-    from eqkernels.pipelines.molecules import _select_ridge, normalise_features
+    from eqkernels.pipelines.molecules import normalise_features
+    from eqkernels.solvers import select_ridge_loo
     from eqkernels.so3 import AtomKernelSpec
 
     env = EnvironmentSpec()
@@ -76,7 +77,7 @@ def _scalar_fit(kernel_name, degree, train, y, test_sets):
     k = mk(x, mol, len(train))["ntk"]
     counts = train.element_counts(env.elements)
     coef = np.linalg.lstsq(counts, y, rcond=None)[0]
-    alphas = np.stack([_select_ridge(k, y[:, c] - counts @ coef[:, c], min_ridge=1e-5)[2] for c in range(6)], 1)
+    alphas = np.stack([select_ridge_loo(k, y[:, c] - counts @ coef[:, c], min_ridge=1e-5)[2] for c in range(6)], 1)
     out = []
     for t in test_sets:
         xt, mt = atom_environments(env, t.numbers, t.positions)

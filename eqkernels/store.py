@@ -152,3 +152,10 @@ def load_model_file(path: str | Path, kind: str, max_version: int, arrays_needed
     if missing:
         raise ModelFileError(f"model lacks arrays {sorted(missing)}", path)
     return meta, arrays
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

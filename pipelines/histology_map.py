@@ -209,7 +209,7 @@ class TileCheckpoint:
     """One HDF5 file per finished batch in `folder`, written atomically; other inputs start it afresh."""
 
     def __init__(self, folder: Path, fingerprint: str):
-        from eqkernels.kernels.relative import _atomic_write_text
+        from eqkernels.store import atomic_write_text
 
         self.folder = folder
         meta = folder / "checkpoint.json"
@@ -222,7 +222,7 @@ class TileCheckpoint:
                 shutil.rmtree(folder)
         if not meta.exists():
             folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(meta, json.dumps({"format": MAP_FORMAT, "fingerprint": fingerprint}))
+            atomic_write_text(meta, json.dumps({"format": MAP_FORMAT, "fingerprint": fingerprint}))
 
     def load(self, batch: int) -> dict | None:
         path = self.folder / f"batch{batch}.h5"

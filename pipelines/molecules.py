@@ -28,7 +28,7 @@ from eqkernels.pipelines.qm9io import (NATIVE_UNITS, PROPERTY_NAMES, QM9_PROPERT
                                        read_ase_file, read_qm9_tar, read_qm9_xyz_files, read_qm9pack_csv,
                                        read_qm9pack_npz)
 from eqkernels.so3 import DEFAULT_QUADRATURE_DEGREE, KERNEL_NAMES, AtomKernelSpec, quadrature_errors, random_rotations
-from eqkernels.solvers import mean_prediction
+from eqkernels.solvers import mean_prediction, select_ridge_loo, solve_ridge_eigh
 
 __all__ = ["MoleculeSet", "load_molecules", "parse_qm9_xyz", "format_qm9_xyz", "qm9pack_row_to_xyz", "qm9pack_rows",
            "read_qm9pack_csv", "read_qm9pack_npz", "read_ase_db", "read_ase_file", "read_qm9_xyz_files",
@@ -210,49 +210,11 @@ def prediction_invariance(change: np.ndarray, k_train: np.ndarray, alpha: np.nda
     return float(np.max(np.abs(change @ alpha))) / scale
 
 
-def _select_ridge(k_train: np.ndarray, y: np.ndarray, ridges=tuple(10.0 ** np.arange(-6, 0.25, 0.5)), *,
-                  min_ridge: float = 0.0, admissible=None):
-    """Ridge (relative to mean diag) with the lowest leave-one-out MAE, from one eigendecomposition.
-
-    Only ridges ≥ `min_ridge` whose dual coefficients pass `admissible(alpha)` (if given) compete; if
-    none passes, the largest ridge is used.
-    """
-    ridges = [r for r in ridges if r >= min_ridge] or [max(ridges)]
-    k = 0.5 * (k_train + k_train.T)
-    scale = float(np.mean(np.diag(k)))
-    evals, evecs = np.linalg.eigh(k)
-    evals = np.clip(evals, 0, None)
-    vy = evecs.T @ y
-    best = None
-    for r in ridges:
-        inv = 1.0 / (evals + r * scale)
-        alpha = evecs @ (inv * vy)
-        if admissible is not None and r != ridges[-1] and not admissible(alpha):
-            continue
-        diag = np.einsum("ik,k,ik->i", evecs, inv, evecs)
-        loo = float(np.mean(np.abs(alpha / diag)))
-        if best is None or loo < best[1]:
-            best = (r, loo, alpha)
-    return best
-
-
 def normalise_features(x: np.ndarray, scale: np.ndarray, l0_mean: np.ndarray) -> np.ndarray:
     """Scale channels and centre their degree-0 coefficients; both commute with rotations."""
     x = np.asarray(x, np.float64) * scale[None, :, None]
     x[:, :, 0] -= l0_mean[None, :]
     return x.astype(np.float32)
-
-
-def _solve_ridge(k_train: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
-    """(K + λ I)⁻¹ y with λ = ridge × mean diag K, via eigh with negative eigenvalues clipped to 0.
-
-    Float32 kernels and SO(3) quadrature leave tiny negative eigenvalues (≈1e-7 of the largest),
-    which make a Cholesky factorisation fail at small ridges; clipping is the PSD projection.
-    """
-    k = 0.5 * (k_train + k_train.T)
-    evals, evecs = np.linalg.eigh(k)
-    inv = 1.0 / (np.clip(evals, 0, None) + ridge * float(np.mean(np.diag(k))))
-    return evecs @ (inv * (evecs.T @ y))
 
 
 @dataclass
@@ -395,11 +357,11 @@ def _fit_dual(spec: AtomKernelSpec, k_train: np.ndarray, residual: np.ndarray, r
     if ridge is not None:
         if not ridge > 0:
             raise InputError(f"--ridge must be positive, got {ridge}")
-        return ridge, _solve_ridge(k_train, residual, ridge)
+        return ridge, solve_ridge_eigh(k_train, residual, ridge)
     keeps_invariance = None
     if spec.name != "mlp" and spec.quadrature_degree >= DEFAULT_QUADRATURE_DEGREE:
         keeps_invariance = lambda a: prediction_invariance(change, k_train, a) <= INVARIANCE_TARGET  # noqa: E731
-    ridge, _, alpha = _select_ridge(k_train, residual, min_ridge=ridge_floor(kernel_error), admissible=keeps_invariance)
+    ridge, _, alpha = select_ridge_loo(k_train, residual, min_ridge=ridge_floor(kernel_error), admissible=keeps_invariance)
     return ridge, alpha
 
 
@@ -497,7 +459,7 @@ def learning_curve(model: MoleculeModel, test: MoleculeSet, k_test: np.ndarray |
     rows = []
     for size in sizes:
         idx = np.sort(order[:size]) if size < n else np.arange(n)
-        alpha = _solve_ridge(k_train[np.ix_(idx, idx)], model.y_train[idx], model.ridge)
+        alpha = solve_ridge_eigh(k_train[np.ix_(idx, idx)], model.y_train[idx], model.ridge)
         err = k_test[:, idx] @ alpha - y
         rows.append({"n_train": int(size), "mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err ** 2)))})
     return rows

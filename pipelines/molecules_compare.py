@@ -231,7 +231,8 @@ def kernel_part(config: MoleculeCompareConfig, inputs: Inputs, *, progress=None,
     The quadrature kernels (mlp-so3avg, so3gcnn) are invariant by construction and cost 10-25× the
     MLP kernel; they are evaluated on one rotated copy only (enough to show it), the MLP on all.
     """
-    from eqkernels.pipelines.molecules import _select_ridge, error_sample, ridge_floor
+    from eqkernels.pipelines.molecules import error_sample, ridge_floor
+    from eqkernels.solvers import select_ridge_loo
 
     net = AtomMLPEnsembleSpec()
     tr = inputs.train
@@ -250,7 +251,7 @@ def kernel_part(config: MoleculeCompareConfig, inputs: Inputs, *, progress=None,
         alpha = dual_coefficients(k_train, inputs.y_train, ridge=0.0, time=config.steps, learning_rate=eta,
                                   discrete=True)
         floor = ridge_floor(quadrature_error(mk.spec, error_sample(tr.x, tr.mol)))  # the measured per-atom error
-        ridge, _, alpha_inf = _select_ridge(k_train, inputs.y_train, min_ridge=floor)
+        ridge, _, alpha_inf = select_ridge_loo(k_train, inputs.y_train, min_ridge=floor)
         copies, krr, k_test = {}, None, None
         n_copies = len(next(iter(inputs.sets.values()))) if name == "mlp" else min(2, len(next(iter(inputs.sets.values()))))
         for set_name, atoms in inputs.sets.items():

@@ -22,11 +22,12 @@ import numpy as np
 from eqkernels.environments import EnvironmentSpec, atom_environments, channel_scales
 from eqkernels.errors import InputError, ModelFileError
 from eqkernels.molecule_kernel import MoleculeKernel
-from eqkernels.pipelines.molecules import (_select_ridge, _solve_ridge, check_molecules, normalise_features,
+from eqkernels.pipelines.molecules import (check_molecules, normalise_features,
                                            ridge_floor, transformed_copies)
 from eqkernels.pipelines.qm9io import (PROPERTY_NAMES, TENSOR_NATIVE_UNITS, MoleculeSet, tensor_property_names,
                                        tensor_values)
 from eqkernels.so3 import AtomKernelSpec, random_rotations
+from eqkernels.solvers import select_ridge_loo, solve_ridge_eigh
 from eqkernels.so3_equivariant import (EQUIVARIANT_KERNELS, anisotropy, block_quadrature_error, cartesian_to_irreps,
                                        degree_block, irreps_to_cartesian, isotropic_part)
 
@@ -150,9 +151,9 @@ def load_tensor_model(path: str | Path) -> TensorModel:
 def _fit_part(k_train: np.ndarray, y: np.ndarray, ridge: float | None, floor: float):
     """(ridge, dual coefficients) of one degree's block: leave-one-out choice if ridge is None."""
     if ridge is None:
-        r, _, alpha = _select_ridge(k_train, y, min_ridge=floor)
+        r, _, alpha = select_ridge_loo(k_train, y, min_ridge=floor)
         return float(r), alpha
-    return float(ridge), _solve_ridge(k_train, y, ridge)
+    return float(ridge), solve_ridge_eigh(k_train, y, ridge)
 
 
 def fit_tensor_model(train: MoleculeSet, target: str = "polarizability", kernel: str = "mlp-so3avg", *,

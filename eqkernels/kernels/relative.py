@@ -34,6 +34,7 @@ from eqkernels.kernels.engine import (PairEvaluator, check_group_fits_images, de
                                      pair_working_set_bytes)
 from eqkernels.kernels.spec import ConvNetSpec
 from eqkernels.progress import Meter
+from eqkernels.store import atomic_write_text
 
 CHECKPOINT_FORMAT = "eqkernels-kernel-blocks"
 CHECKPOINT_VERSION = 1
@@ -119,7 +120,7 @@ class _BlockStore:
                                  "remove it or choose another --checkpoint", self.folder)
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(meta_path, json.dumps({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            atomic_write_text(meta_path, json.dumps({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                                                       "fingerprint": fingerprint}))
 
     def _path(self, key: str) -> Path:
@@ -146,12 +147,6 @@ class _BlockStore:
     def remove(self) -> None:
         if self.folder is not None and self.folder.exists():
             shutil.rmtree(self.folder)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _block_pairs(rows: range, cols: range, upper_only: bool) -> tuple[np.ndarray, np.ndarray]:
