@@ -65,10 +65,10 @@ def _map_line(m: dict, out: Path) -> str:
 def _molecules_runner():
     """The molecules demo, if this installation has the molecules pipeline."""
     try:
-        from eqkernels.pipelines import molecules
+        from eqkernels.pipelines import molecules_demo
     except ImportError:
         return None
-    return getattr(molecules, "run_demo", None)
+    return getattr(molecules_demo, "run_demo", None)
 
 
 def _molecule_table(rows: list[dict]) -> Table:

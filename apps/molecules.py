@@ -46,6 +46,7 @@ def train(
     """Fit a model on N training molecules and save it."""
     mp = _pipeline()
     from eqkernels.environments import EnvironmentSpec
+    from eqkernels.pipelines.molecules_model import fit_model
     from eqkernels.so3 import DEFAULT_QUADRATURE_DEGREE, AtomKernelSpec
 
     try:
@@ -63,9 +64,9 @@ def train(
         return train_tensor(out, path, target, kernel, n_train, seed, unit, env, spec, ridge, max_atoms)
     mols = mp.load_molecules(path)
     train_idx, _ = mp.split_indices(len(mols), n_train, None, seed)
-    model = mp.fit_model(mols.subset(train_idx), target, kernel, unit=unit, env_spec=env, kernel_spec=spec,
-                         ridge=ridge, max_atoms=max_atoms, progress=None,
-                         meta={"split_seed": seed, "data": str(path)})
+    model = fit_model(mols.subset(train_idx), target, kernel, unit=unit, env_spec=env, kernel_spec=spec,
+                      ridge=ridge, max_atoms=max_atoms, progress=None,
+                      meta={"split_seed": seed, "data": str(path)})
     model.save(out)
     console.print(f"{out}: {kernel} model of {target} ({model.unit}) on {model.n_train} molecules, "
                   f"ridge {model.ridge:g}, {_quadrature_summary(model)}, "
@@ -106,6 +107,7 @@ def predict(
     mp = _pipeline()
     from eqkernels import store
     from eqkernels.molecule_ensembles import MOLECULE_ENSEMBLE_KIND
+    from eqkernels.pipelines.molecules_model import load_model
     from eqkernels.pipelines.molecules_tensor import TENSOR_MODEL_KIND
 
     if store.kind_of(model_path) == TENSOR_MODEL_KIND:
@@ -113,13 +115,13 @@ def predict(
 
         return predict_tensor(model_path, files, as_json, unit)
     if store.kind_of(model_path) == MOLECULE_ENSEMBLE_KIND:
-        from eqkernels.pipelines.molecules_compare import ensemble_file_info, predict_with_ensemble
+        from eqkernels.pipelines.molecules_ensemble import ensemble_file_info, predict_with_ensemble
 
         target, model_unit, elements, max_atoms = ensemble_file_info(model_path)
         predict_fn = lambda mols: predict_with_ensemble(model_path, mols)  # noqa: E731
         convertible = True
     else:
-        model = mp.load_model(model_path)
+        model = load_model(model_path)
         target, model_unit, elements, max_atoms = model.target, model.unit, model.env_spec.elements, model.max_atoms
         predict_fn = lambda mols: model.predict(mols, check=False)  # noqa: E731
         convertible = model.meta.get("native_unit", "Ha") == "Ha"
@@ -159,13 +161,15 @@ def report(
     (tensor models: MAE per component, of the isotropic part and anisotropy, equivariance error)."""
     mp = _pipeline()
     from eqkernels import store
+    from eqkernels.pipelines.molecules_model import load_model
+    from eqkernels.pipelines.molecules_report import evaluate, learning_curve, plot_learning_curve
     from eqkernels.pipelines.molecules_tensor import TENSOR_MODEL_KIND
 
     if store.kind_of(model_path) == TENSOR_MODEL_KIND:
         from eqkernels.apps.molecules_tensor import report_tensor
 
         return report_tensor(model_path, out, data, n_test, seed)
-    model = mp.load_model(model_path)
+    model = load_model(model_path)
     path = data or model.meta.get("data") or str(mp.default_data_path())
     mols = mp.load_molecules(path)
     trained = set(model.meta.get("train_names", []))
@@ -174,8 +178,8 @@ def report(
         raise InputError("every molecule in the data was used for training; nothing to evaluate", path)
     rng = np.random.default_rng(seed)
     test = mols.subset(np.sort(rng.permutation(held)[:n_test]))
-    result = mp.evaluate(model, test, seed=seed, progress=None)
-    curve = mp.learning_curve(model, test, result["k_test"])
+    result = evaluate(model, test, seed=seed, progress=None)
+    curve = learning_curve(model, test, result["k_test"])
     summary = {"model": str(model_path), "target": model.target, "unit": model.unit,
                "kernel": model.kernel_spec.name, "n_train": model.n_train, "data": str(path),
                **{k: v for k, v in result.items() if k not in ("predictions", "predictions_transformed", "targets", "k_test")},
@@ -188,8 +192,8 @@ def report(
         for name, y, p, q in zip(test.names, result["targets"], result["predictions"], result["predictions_transformed"]):
             lines.append(f"{name},{y:.6f},{p:.6f},{q:.6f}")
         (tmp / "predictions.csv").write_text("\n".join(lines) + "\n")
-        mp.plot_learning_curve(curve, tmp / "learning_curve.png", title=f"{model.kernel_spec.name}: {model.target}",
-                               unit=model.unit)
+        plot_learning_curve(curve, tmp / "learning_curve.png", title=f"{model.kernel_spec.name}: {model.target}",
+                            unit=model.unit)
     console.print(f"{model.kernel_spec.name} {model.target}: MAE {result['mae']:.4g} {model.unit}, "
                   f"RMSE {result['rmse']:.4g}, MAE on rotated copies {result['mae_transformed']:.4g}, invariance error "
                   f"{result['invariance_error_abs']:.3g} {model.unit} max ({result['invariance_error_rel']:.2e} of the "

@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     from eqkernels.molecule_kernel import MoleculeKernel
     from eqkernels.solvers import select_ridge_loo
     from eqkernels.pipelines import molecules as mp
+    from eqkernels.pipelines.molecules_model import error_sample, ridge_floor
     from eqkernels.so3 import DEFAULT_QUADRATURE_DEGREE, AtomKernelSpec, quadrature_error
 
     args.quadrature = args.quadrature or DEFAULT_QUADRATURE_DEGREE
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
              for name in kernels}
     for name in kernels:
         # measured on self pairs and rotated copies of whole pool molecules (`so3.quadrature_errors`)
-        state[name]["quadrature_error"] = quadrature_error(state[name]["kernel"].spec, mp.error_sample(x_pool, m_pool))
+        state[name]["quadrature_error"] = quadrature_error(state[name]["kernel"].spec, error_sample(x_pool, m_pool))
     # Sizes outer, kernels inner: every kernel gets N = 100 and 1,000 before any gets 4,000.
     for n in sizes:
         for name in kernels:
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
             coef = np.linalg.lstsq(counts_all[tr], y_all[tr], rcond=None)[0]
             resid_tr = y_all[tr] - counts_all[tr] @ coef
             ridge, loo, alpha = select_ridge_loo(k_train, resid_tr,
-                                                 min_ridge=mp.ridge_floor(st["quadrature_error"]))
+                                                 min_ridge=ridge_floor(st["quadrature_error"]))
             pred = counts_all[test_idx] @ coef + k_test @ alpha
             err = pred - y_all[test_idx]
             pred_mv = counts_all[test_idx[:n_moved]] @ coef + k_move @ alpha

@@ -11,7 +11,7 @@ On the bundled QM9 sample (default environments, the seed-0 split of `eqk molecu
   compilation; ratios to degree 7 measured in the same run are the figures that transfer);
 - the molecule-level relative invariance error of the predictions of a model fitted on N molecules
   (ridge by leave-one-out above the corrected floor): max |Δ(k·α)| / rms(k·α) on n_test held-out molecules,
-  randomly rotated, translated and atom-permuted (`pipelines.molecules.evaluate`).
+  randomly rotated, translated and atom-permuted (`pipelines.molecules_report.evaluate`).
 Results are written after every degree, so a run cut short keeps what it finished.
 """
 from __future__ import annotations
@@ -46,13 +46,14 @@ def _timed(fn) -> float:
 
 def one_degree(name: str, degree: int, train, test) -> dict:
     """Errors, throughput and prediction invariance of one kernel at one degree."""
-    from eqkernels.pipelines import molecules as mp
+    from eqkernels.pipelines.molecules_model import fit_model
+    from eqkernels.pipelines.molecules_report import evaluate
     from eqkernels.so3 import AtomKernelSpec
 
     t0 = time.perf_counter()
-    model = mp.fit_model(train, "U0", name, unit="meV", progress=False,
-                         kernel_spec=AtomKernelSpec(name, quadrature_degree=degree))
-    res = mp.evaluate(model, test, progress=False)
+    model = fit_model(train, "U0", name, unit="meV", progress=False,
+                      kernel_spec=AtomKernelSpec(name, quadrature_degree=degree))
+    res = evaluate(model, test, progress=False)
     x, mol = model.x_train, model.mol_train
     keys = ("quadrature_error", "quadrature_error_self_pair", "quadrature_error_rotation",
             "quadrature_reference_degree", "invariance_error_rel_train")

@@ -35,6 +35,8 @@ from eqkernels.errors import InputError
 from eqkernels.ensembles import size_curve
 from eqkernels.molecule_ensembles import AtomMLPEnsembleSpec, MoleculeEnsemble, rotate_molecules, train
 from eqkernels.molecule_kernel import MoleculeKernel
+from eqkernels.pipelines.molecules import Atoms, atom_features
+from eqkernels.pipelines.molecules_ensemble import TARGET, UNIT, ensemble_meta
 from eqkernels.pipelines.compare_report import (format_value as _fmt, markdown_table as _table, mean_std,
                                                   plot_width_study, save_figure)
 from eqkernels.solvers import dual_coefficients
@@ -42,7 +44,6 @@ from eqkernels.so3 import DEFAULT_QUADRATURE_DEGREE, AtomKernelSpec, quadrature_
 
 KERNELS = ("mlp", "mlp-so3avg", "so3gcnn")
 POOLS = {"mlp": "mlp", "mlp-aug": "mlp-so3avg"}   # ensemble pool → the kernel whose μ_k its mean approaches
-TARGET, UNIT = "U0", "meV"
 
 
 @dataclass
@@ -88,15 +89,6 @@ class MoleculeCompareConfig:
 # ------------------------------------------------------------------------------------------------- data
 
 @dataclass
-class Atoms:
-    """Flat atom signals (A, C, M) of N molecules, atoms sorted by molecule."""
-
-    x: np.ndarray
-    mol: np.ndarray
-    n: int
-
-
-@dataclass
 class Inputs:
     """Features and targets of one run. Copies: index 0 = as given, then `rotations` random rotations."""
 
@@ -112,13 +104,6 @@ class Inputs:
     residuals: dict[str, np.ndarray]         # name → residual targets (meV) of the set
     descriptions: dict[str, str] = field(default_factory=dict)
     max_train_atoms: int = 0
-
-
-def _atoms(env: EnvironmentSpec, mols, scale, l0) -> Atoms:
-    from eqkernels.pipelines.molecules import normalise_features
-
-    x, mol = atom_environments(env, mols.numbers, mols.positions)
-    return Atoms(normalise_features(x, scale, l0), mol, len(mols))
 
 
 def load_inputs(config: MoleculeCompareConfig, data=None, ood=None) -> Inputs:
@@ -173,11 +158,11 @@ def load_inputs(config: MoleculeCompareConfig, data=None, ood=None) -> Inputs:
     x, mol = atom_environments(env, train_mols.numbers, train_mols.positions)
     scale = channel_scales(env, x)
     l0 = np.mean(x[:, :, 0] * scale[None, :], axis=0)
-    train_atoms = _atoms(env, train_mols, scale, l0)
+    train_atoms = atom_features(env, train_mols, scale, l0)
     named = {"test": test_mols} | ({"ood": ood_mols} if ood_mols is not None else {})
     sets, residuals = {}, {}
     for k, (name, m) in enumerate(named.items()):
-        base = _atoms(env, m, scale, l0)
+        base = atom_features(env, m, scale, l0)
         copies = [base]
         for r in range(config.rotations):
             rot = random_rotations(base.n, seed=config.split_seed * 1000 + 100 * k + r + 1)
@@ -231,7 +216,7 @@ def kernel_part(config: MoleculeCompareConfig, inputs: Inputs, *, progress=None,
     The quadrature kernels (mlp-so3avg, so3gcnn) are invariant by construction and cost 10-25× the
     MLP kernel; they are evaluated on one rotated copy only (enough to show it), the MLP on all.
     """
-    from eqkernels.pipelines.molecules import error_sample, ridge_floor
+    from eqkernels.pipelines.molecules_model import error_sample, ridge_floor
     from eqkernels.solvers import select_ridge_loo
 
     net = AtomMLPEnsembleSpec()
@@ -437,48 +422,6 @@ def run_width_study(config: MoleculeCompareConfig, inputs: Inputs, kernels: dict
     return out
 
 
-# ------------------------------------------------------------------------------------- ensemble files
-
-def ensemble_meta(inputs: Inputs) -> tuple[dict, dict[str, np.ndarray]]:
-    """What a prediction from a saved ensemble needs besides the parameters: features and baseline."""
-    meta = {"target": TARGET, "unit": UNIT, "env_spec": inputs.env_spec.to_dict(), "y_scale": inputs.y_scale,
-            "atomrefs": {str(k): v for k, v in inputs.atomrefs.items()}, "max_atoms": 2 * inputs.max_train_atoms,
-            "source": "eqk compare --task molecules"}
-    arrays = {"channel_scale": np.asarray(inputs.channel_scale), "l0_mean": np.asarray(inputs.l0_mean),
-              "element_coef": np.asarray(inputs.element_coef)}
-    return meta, arrays
-
-
-def ensemble_file_info(path: str | Path) -> tuple[str, str, tuple, int]:
-    """(target, unit, elements the environments know, largest molecule accepted) of an ensemble file."""
-    from eqkernels.errors import ModelFileError
-
-    _, meta, _ = MoleculeEnsemble.load(path)
-    try:
-        env = EnvironmentSpec.from_dict(meta["env_spec"])
-        return str(meta["target"]), str(meta["unit"]), tuple(env.elements), int(meta.get("max_atoms", 10 ** 6))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(f"ensemble file lacks the molecule preprocessing ({type(e).__name__}: {e})", path) from None
-
-
-def predict_with_ensemble(path: str | Path, mols) -> np.ndarray:
-    """Ensemble-mean prediction (meV) of the target for molecules, from a file written by `write_report`."""
-    from eqkernels.errors import ModelFileError
-    from eqkernels.pipelines import molecules as mp
-
-    ens, meta, arrays = MoleculeEnsemble.load(path)
-    try:
-        env = EnvironmentSpec.from_dict(meta["env_spec"])
-        refs = np.array([meta["atomrefs"][str(z)] for z in env.elements])
-        scale, l0, coef, y_scale = arrays["channel_scale"], arrays["l0_mean"], arrays["element_coef"], meta["y_scale"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(f"ensemble file lacks the molecule preprocessing ({type(e).__name__}: {e})", path) from None
-    mp.check_molecules(mols, env.elements, max_atoms=int(meta.get("max_atoms", 10 ** 6)))
-    atoms = _atoms(env, mols, scale, l0)
-    counts = mols.element_counts(env.elements)
-    return counts @ (refs + coef) + ens.mean(atoms.x, atoms.mol, atoms.n) * y_scale
-
-
 # ---------------------------------------------------------------------------------------------- report
 
 SET_TITLES = {"test": "test", "ood": "OOD"}
@@ -588,7 +531,7 @@ def markdown(summary: dict) -> str:
     lines += _table([["stage", "seconds"]] + [[k, f"{v:.1f}"] for k, v in t.items()])
     lines += ["", "Ensemble files (first seed of each model, with the preprocessing): "
               + ", ".join(f"`ensembles/{p}.h5`" for p in summary["curves"])
-              + "; `eqkernels.pipelines.molecules_compare.predict_with_ensemble(path, molecules)` predicts from them.", ""]
+              + "; `eqkernels.pipelines.molecules_ensemble.predict_with_ensemble(path, molecules)` predicts from them.", ""]
     return "\n".join(lines) + "\n"
 
 

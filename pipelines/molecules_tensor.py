@@ -22,8 +22,8 @@ import numpy as np
 from eqkernels.environments import EnvironmentSpec, atom_environments, channel_scales
 from eqkernels.errors import InputError, ModelFileError
 from eqkernels.molecule_kernel import MoleculeKernel
-from eqkernels.pipelines.molecules import (check_molecules, normalise_features,
-                                           ridge_floor, transformed_copies)
+from eqkernels.pipelines.molecules import check_molecules, normalise_features, transformed_copies
+from eqkernels.pipelines.molecules_model import ridge_floor
 from eqkernels.pipelines.qm9io import (PROPERTY_NAMES, TENSOR_NATIVE_UNITS, MoleculeSet, tensor_property_names,
                                        tensor_values)
 from eqkernels.so3 import AtomKernelSpec, random_rotations

@@ -9,6 +9,7 @@ import pytest
 from eqkernels.apps.cli import main
 from eqkernels.datasets import QM9_SAMPLE
 from eqkernels.pipelines import molecules as mp
+from eqkernels.pipelines.molecules_model import load_model
 
 N_TRAIN = 24
 
@@ -157,7 +158,7 @@ def test_more_atoms_than_the_model_supports(model_file, tmp_path, capsys):
     from ase import Atoms
     from ase.io import write
 
-    meta_max = mp.load_model(model_file).max_atoms
+    meta_max = load_model(model_file).max_atoms
     n = meta_max + 1
     chain = Atoms("C" * n, positions=[[1.5 * i, 0, 0] for i in range(n)])
     write(str(tmp_path / "long.xyz"), chain)

@@ -201,7 +201,7 @@ def test_compare_molecules_end_to_end_on_a_tiny_configuration(cli, tmp_path):
     assert "Run time" in text and "± " in text and "largest molecules" in text
     assert report["headline"][0][:2] == ["model", "MAE test (meV)"] and "invariance" in result.out
     # A saved ensemble predicts energies (meV) of molecules from coordinates.
-    from eqkernels.pipelines.molecules_compare import predict_with_ensemble
+    from eqkernels.pipelines.molecules_ensemble import predict_with_ensemble
 
     mols = mp.load_molecules(QM9_SAMPLE, limit=3)
     energies = predict_with_ensemble(out / "ensembles" / "mlp-aug.h5", mols)

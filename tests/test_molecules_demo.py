@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eqkernels.pipelines.molecules import run_demo
+from eqkernels.pipelines.molecules_demo import run_demo
 
 
 @pytest.mark.slow  # ~1–3 min: compiles three kernels and the quadrature-error references
