@@ -33,10 +33,11 @@ MOLECULES_ONLY = ("rotations", "quadrature_degree")
 
 def _given_options() -> tuple[set, dict]:
     """(names of the options given on the command line, every option's value) of the running command."""
+    # typer ≥ 0.20 runs on its vendored click; a separately installed click (dask needs one) holds no context.
     try:
-        from click import get_current_context
-    except ImportError:  # typer ≥ 0.20 vendors click
         from typer._click.globals import get_current_context
+    except ImportError:
+        from click import get_current_context
     ctx = get_current_context()
     # By name: the ParameterSource enum lives in whichever click is in use.
     given = {name for name in ctx.params
