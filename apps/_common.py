@@ -1,15 +1,16 @@
-"""Helpers shared by the `eqk` commands: atomic outputs, consoles, JSON."""
+"""Helpers shared by the `eqk` commands: atomic output folders and consoles. The file helpers (atomic files,
+JSON) live in `eqkernels.store`; they are imported here for the commands that use them."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
+
+from eqkernels.store import atomic_file, to_jsonable, write_json  # noqa: F401  (used by the commands)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -29,37 +30,3 @@ def atomic_dir(path: str | Path):
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | Path):
-    """Yield a temporary file path that replaces `path` only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
-def to_jsonable(obj):
-    """numpy scalars/arrays → Python numbers/lists, NaN → None, recursively."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return None if not np.isfinite(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def write_json(path: str | Path, obj) -> None:
-    with atomic_file(path) as tmp:
-        Path(tmp).write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")

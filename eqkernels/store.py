@@ -14,6 +14,7 @@ eqkernels is refused with a clear message. Metadata records the library versions
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -159,3 +160,38 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temporary file path that replaces `path` only if the block finishes without error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def to_jsonable(obj):
+    """numpy scalars/arrays → Python numbers/lists, NaN → None, recursively."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_json(path: str | Path, obj) -> None:
+    """`obj` as indented JSON (numpy values converted, NaN → null), written atomically to `path`."""
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")

@@ -66,7 +66,7 @@ def summary(result: SlideMap, predictor: TilePredictor, slide, model_path) -> di
 
 def write_outputs(result: SlideMap, predictor: TilePredictor, slide, model_path, out: Path) -> dict:
     """Write every output into `out` (atomically per file); returns the summary."""
-    from eqkernels.apps._common import atomic_file, write_json
+    from eqkernels.store import atomic_file, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     info = summary(result, predictor, slide, model_path)
@@ -159,7 +159,7 @@ def plot_maps(result: SlideMap, predictor: TilePredictor, out: Path, title: str)
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from eqkernels.apps._common import atomic_file
+    from eqkernels.store import atomic_file
 
     thumb = result.info["display"]
     g = result.grid

@@ -212,7 +212,7 @@ def write_report(evaluations: list[Evaluation], out_dir: Path, *, title: str, co
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from eqkernels.apps._common import write_json
+    from eqkernels.store import write_json
 
     out_dir = Path(out_dir)
     summaries = [e.summary for e in evaluations]
