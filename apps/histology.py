@@ -90,9 +90,9 @@ def train(
                                           "n_tiles": len(tiles), **resolution})
     model.save(out)
     if checkpoint is not None:
-        from eqkernels.apps.kernel import _remove_checkpoint
+        from eqkernels.apps.kernel import remove_checkpoint
 
-        _remove_checkpoint(checkpoint)
+        remove_checkpoint(checkpoint)
     summary = {"model": str(out), "kernel": spec.name, "n_train": len(train_idx), "size": size,
                "classes": model.class_names, "seconds": time.perf_counter() - start, **timings}
     if as_json:

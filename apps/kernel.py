@@ -64,13 +64,13 @@ def kernel(
     store.save(out, "kernel", to_jsonable(meta), {"nngp": k["nngp"], "ntk": k["ntk"],
                                                  "a_labels": set_a.labels, "b_labels": (set_b or set_a).labels})
     if checkpoint is not None:
-        _remove_checkpoint(checkpoint)
+        remove_checkpoint(checkpoint)
     n_pairs = k["ntk"].size
     console.print(f"{spec.name}: K({len(set_a)}×{len(set_b or set_a)}) in {seconds:.1f} s "
                   f"({n_pairs / max(seconds, 1e-9):,.0f} pairs/s) → {out}")
 
 
-def _remove_checkpoint(folder: Path) -> None:
+def remove_checkpoint(folder: Path) -> None:
     """Finished: the matrix is written, so the block checkpoints are no longer needed."""
     import shutil
 

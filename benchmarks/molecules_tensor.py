@@ -136,7 +136,7 @@ def _run_size(name, n, mols, perm, test, moved, degree, augment):
 
 
 def main(argv=None) -> dict:
-    from molecules import _machine
+    from molecules import machine_info
 
     from eqkernels.pipelines.molecules import full_qm9_path, load_molecules, transformed_copies
     from eqkernels.pipelines.molecules_tensor import target_tensors, tensor_errors
@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
     rots = random_rotations(len(test), 1)                       # the rotations transformed_copies applied
     truth = target_tensors(test, "polarizability")
     truth_moved = np.einsum("nij,njk,nlk->nil", rots, truth, rots)
-    results = {"target": args.target, "unit": "a0^3" if args.target == "polarizability" else "Å^2", "machine": {**_machine(), "cpu_flags": _cpu_flags(),
+    results = {"target": args.target, "unit": "a0^3" if args.target == "polarizability" else "Å^2", "machine": {**machine_info(), "cpu_flags": _cpu_flags(),
                "note": "2 cores shared with four other sessions: times are indicative only"},
                "split": {"seed": 0, "train": "first N of the seed-0 permutation",
                          "test": f"permutation[1000:{1000 + args.n_test}]"},
