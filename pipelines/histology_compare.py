@@ -23,20 +23,23 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from eqkernels import metrics
-from eqkernels.ensembles import EnsembleSpec, size_curve, train
+from eqkernels.ensembles import EnsembleSpec, train
 from eqkernels.errors import InputError
 from eqkernels.groups import RotationGroup, get_group, resolve_group, rotate
 from eqkernels.kernels import ConvNetSpec, KernelSpec
 from eqkernels.kernels.families import family_kernels, left_translate
 from eqkernels.kernels.relative import relative_kernels
-from eqkernels.pipelines.compare_report import (format_value as _fmt, markdown_table as _table, mean_std,
-                                                  plot_width_study, save_figure)
+from eqkernels.pipelines.compare import CompareAdapter, CompareSizes, WidthSubset
+from eqkernels.pipelines.compare_report import (curve_ends, errorbar_curve, format_value as _fmt,
+                                                  markdown_table as _table, member_curve_tables, plot_width_study,
+                                                  save_figure, sqrt_members_guide, timing_lines, width_study_line,
+                                                  width_study_table)
 from eqkernels.pipelines.histology import Preprocessing, TileSet, load_tiles, stratified_split
 from eqkernels.pipelines.histology_ensemble import HistologyEnsemble
 from eqkernels.solvers import centred_one_hot, dual_coefficients
@@ -53,7 +56,7 @@ def kernel_names(group: str) -> list[str]:
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(CompareSizes):
     """Sizes of one comparison run. The defaults ran in about 3 minutes on 2 CPU cores."""
 
     size: int = 8                  # tiles are resized to size × size px (Kather-2016 tiles are 8 px)
@@ -85,17 +88,8 @@ class CompareConfig:
             resolve_group(self.group).check_size(self.size) if self.interpolated else None
         except ValueError as e:
             raise InputError(str(e)) from None
-        positive = ("size", "n_train", "n_test", "width", "gcnn_width", "members", "gcnn_members", "seeds",
-                    "width_members", "width_n_train", "member_chunk")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.n_ood < 0 or self.steps < 0:
-            raise InputError("--n-ood and --steps must be >= 0")
-        if not (self.lr_scale > 0 and math.isfinite(self.lr_scale)):
-            raise InputError(f"--lr-scale must be a positive number, got {self.lr_scale}")
-        if any(w < 1 for w in self.widths) or not self.widths:
-            raise InputError(f"--widths must be positive integers, got {self.widths}")
+        self.check_sizes(("size", "n_train", "n_test", "width", "gcnn_width", "members", "gcnn_members", "seeds",
+                          "width_members", "width_n_train", "member_chunk"))
         try:
             ConvNetSpec().check_input_size(self.size)
         except ValueError as e:
@@ -105,9 +99,6 @@ class CompareConfig:
     def interpolated(self) -> bool:
         """True for groups acting by interpolation (every input is then disk-masked)."""
         return isinstance(resolve_group(self.group), RotationGroup)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -328,29 +319,6 @@ def plan_seconds(config: CompareConfig, n_classes: int, seconds_per_mac: float, 
     return est
 
 
-def fit_to_budget(config: CompareConfig, estimate, budget: float) -> tuple[CompareConfig, str]:
-    """Shrink the member counts (then the widest widths) until the estimate fits in 90% of `budget`."""
-    fitted, notes = config, []
-    total = sum(estimate(fitted).values())
-    if total <= 0.9 * budget:
-        return fitted, f"estimated {total:.0f} s of a {budget:.0f} s budget: sizes as configured"
-    while total > 0.9 * budget and (fitted.members > 2 or fitted.gcnn_members > 2):
-        f = max(min(0.9 * budget / total, 0.9), 0.3)
-        fitted = replace(fitted, members=max(2, int(fitted.members * f)),
-                         gcnn_members=max(2, int(fitted.gcnn_members * f)))
-        total = sum(estimate(fitted).values())
-    while total > 0.9 * budget and len(fitted.widths) > 2:
-        fitted = replace(fitted, widths=tuple(sorted(fitted.widths))[:-1])
-        total = sum(estimate(fitted).values())
-    if fitted.members != config.members or fitted.gcnn_members != config.gcnn_members:
-        notes.append(f"members per ensemble reduced from {config.members} (CNN) / {config.gcnn_members} (GCNN) "
-                     f"to {fitted.members} / {fitted.gcnn_members}")
-    if fitted.widths != config.widths:
-        notes.append(f"width study limited to widths {list(fitted.widths)}")
-    over = " (still over: the smallest plan)" if total > 0.9 * budget else ""
-    return fitted, f"estimated {total:.0f} s of a {budget:.0f} s budget after fitting{over}: " + "; ".join(notes)
-
-
 def calibrate(config: CompareConfig, inputs: Inputs, eta: float) -> dict:
     """Measured seconds per multiply-add of training (a few steps of one augmented CNN chunk)."""
     spec = pool_specs(config, len(inputs.class_names), eta)["cnn-aug"]
@@ -363,148 +331,136 @@ def calibrate(config: CompareConfig, inputs: Inputs, eta: float) -> dict:
             "step_seconds": step_s, "member_chunk": chunk}
 
 
-# -------------------------------------------------------------------------------------------------- run
-
-def run(config: CompareConfig, *, data=None, ood=None, budget: float | None = None, progress=None,
-        log=lambda message: None) -> dict:
-    """Everything the report shows, as a dict of JSON-ready values plus arrays for the plots."""
-    started = time.perf_counter()
-    timings = {}
-    inputs = load_inputs(config, data, ood)
-    if config.interpolated:
-        inputs = disk_masked(inputs)
-    timings["data"] = time.perf_counter() - started
-    n_classes = len(inputs.class_names)
-    net = ConvNetSpec()
-    group = resolve_group(config.group)
-
-    budget_note = "no budget given: sizes as configured"
-    calibration = None
-    if budget is not None and budget > 0:
-        t0 = time.perf_counter()
-        from eqkernels.pipelines.histology_demo import measure_rate
-
-        # η only scales the probe's learning rate; its cost does not depend on it.
-        calibration = calibrate(config, inputs, 1e-3)
-        rate = measure_rate(net, inputs.train.images, config.size)
-        calibration["kernel_pairs_per_second"] = rate
-        n_eval = len(inputs.x_eval)
-        estimate = lambda c: plan_seconds(c, n_classes, calibration["seconds_per_mac"], rate,  # noqa: E731
-                                          calibration["compile_seconds"], n_eval)
-        spent = time.perf_counter() - started
-        config, budget_note = fit_to_budget(config, estimate, budget - spent)
-        calibration["estimate"] = estimate(config)
-        timings["calibration"] = time.perf_counter() - t0
-        log(f"plan: {budget_note}")
-
-    t0 = time.perf_counter()
-    kernels = kernel_part(config, inputs, net, progress=progress)
-    timings["kernels"] = time.perf_counter() - t0
-    eta = kernels["eta"]
-    log(f"kernels: {kernels['pairs']:,} pairs in {kernels['seconds']:.0f} s; η = {eta:.3g} (1/λ_max × {config.lr_scale:g})")
-
-    rows = {}
-    for name, info in kernels["models"].items():
-        rows[f"kernel {name}"] = {"kind": "kernel", "label": f"{name} NTK (μ_k)", "values": measure(info["orbit_scores"], inputs),
-                      "accuracy_kernel_regression": info["accuracy_kernel_regression"]}
-
-    from eqkernels.pipelines import histology_rotations as hr
-
-    t0 = time.perf_counter()
-    sweep = hr.start_sweep(kernels, inputs, net, group, progress=progress) if config.sweep else None
-    timings["kernel sweep"] = time.perf_counter() - t0
-    x_orbits = orbit_inputs(inputs.x_eval, config.group)
-    n_eval = len(inputs.x_eval)
-    curves, pools_info, saved = {}, {}, {}
-    for pool, spec in pool_specs(config, n_classes, eta).items():
-        t0 = time.perf_counter()
-        ens = train(spec, inputs.x_train, inputs.y_train, member_chunk=min(config.member_chunk, spec.members),
-                    progress=progress, description=f"training {spec.label} ensembles")
-        outputs = ens.outputs(x_orbits).reshape(spec.members, group.order, n_eval, n_classes)
-        reference = kernels["models"][matching_kernel(pool, config.group)]["orbit_scores"]
-        per_seed = spec.members // config.seeds
-        seeds = [measure(outputs[s * per_seed:(s + 1) * per_seed].mean(0), inputs, reference)
-                 for s in range(config.seeds)]
-        row = rows[f"ensemble {pool}"] = {"kind": "ensemble", "label": f"{spec.label} ensemble, {per_seed} members",
-                                          "members": per_seed, "seeds": seeds, "values": mean_std(seeds)}
-        # The first repeat is kept as a file that `eqk histology predict` reads.
-        saved[pool] = HistologyEnsemble(ens.select(range(per_seed)), inputs.preprocessing, inputs.class_names,
-                                        inputs.train.fingerprints(), {"source": "eqk compare", "pool": pool})
-        sl = inputs.slices()
-        curve = {}
-        for set_name, s in sl.items():
-            curve[f"invariance_error_{set_name}"] = size_curve(outputs[:, :, s], config.curve_sizes, invariance_error)
-            curve[f"orbit_same_{set_name}"] = size_curve(outputs[:, :, s], config.curve_sizes, orbit_same)
-        curve["distance_to_kernel_test"] = size_curve(
-            outputs[:, 0, sl["test"]], config.curve_sizes,
-            lambda m, ref=reference[0, sl["test"]]: metrics.relative_distance(m, ref))
-        curves[pool] = curve
-        if sweep:
-            sweep["rows"][f"ensemble {pool}"] = hr.ensemble_sweep(ens, inputs, seeds=config.seeds)
-        timings[f"ensembles {pool}"] = time.perf_counter() - t0
-        pools_info[pool] = {"spec": spec.to_dict(), "label": spec.label, "seconds": time.perf_counter() - t0,
-                            "train_seconds": ens.seconds, "timing": ens.timing,
-                            "final_loss_mean": float(np.mean(ens.loss_history[-1])) if spec.steps else None,
-                            "initial_loss_mean": float(np.mean(ens.loss_history[0])) if spec.steps else None}
-        log(f"{spec.label}: {spec.members} members in {time.perf_counter() - t0:.0f} s; "
-            f"accuracy {row['values']['accuracy'][0]:.3f}, orbit-same test "
-            f"{row['values']['orbit_same_test'][0]:.2f}/{group.order}")
-
-    t0 = time.perf_counter()
-    width_study = run_width_study(config, inputs, kernels, progress=progress)
-    timings["width study"] = time.perf_counter() - t0
-    log("width study: " + ", ".join(f"{w}: {d:.3f}" for w, d in zip(width_study["widths"],
-                                                                     width_study["distance_mean"])))
-    timings["total"] = time.perf_counter() - started
-    return {"config": config.to_dict(), "group": config.group, "group_order": group.order,
-            "classes": inputs.class_names, "sets": inputs.descriptions,
-            "eta": eta, "lambda_max": kernels["lambda_max"], "kernel_pairs": kernels["pairs"],
-            "identity_check": kernels["identity_check"], "rows": rows, "curves": curves, "pools": pools_info,
-            "sweep": sweep, "interpolated": config.interpolated,
-            "width_study": width_study, "budget": budget, "budget_note": budget_note, "calibration": calibration,
-            "timings": timings, "ensembles": saved}
-
-
 def disk_masked(inputs: Inputs) -> Inputs:
     """The same inputs with every tile (and noise image) disk-masked, P_0 x: what C_n/D_n act on."""
     mask = lambda x: rotate(np.asarray(x, np.float32), 0.0)  # noqa: E731
     return replace(inputs, x_train=mask(inputs.x_train), sets={k: mask(v) for k, v in inputs.sets.items()})
 
 
-def run_width_study(config: CompareConfig, inputs: Inputs, kernels: dict, *, progress=None) -> dict:
-    """Centred CNN ensembles of growing width on a subset of the training tiles: distance of the ensemble
-    mean (and of single members) to the plain CNN's μ_k on the held-out tiles."""
-    n_sub = min(config.width_n_train, len(inputs.x_train))
-    labels = inputs.train.labels
-    if n_sub < len(labels):
-        idx = stratified_split(labels, n_sub, seed=config.split_seed)[0]
-    else:
-        idx = np.arange(len(labels))
-    theta = kernels["plain_train_ntk"][np.ix_(idx, idx)]
-    eta = config.lr_scale / float(np.linalg.eigvalsh(theta)[-1])
-    y = inputs.y_train[idx]
-    alpha = dual_coefficients(theta, y, ridge=0.0, time=config.steps, learning_rate=eta, discrete=True)
-    test = inputs.slices()["test"]
-    mu = kernels["plain_eval_ntk"][test][:, idx] @ alpha
-    x_test = inputs.sets["test"]
-    out = {"n_train": int(n_sub), "eta": eta, "members": config.width_members, "widths": [], "distance_mean": [],
-           "distance_member_mean": [], "distance_member_std": [], "seconds": []}
-    for width in sorted(config.widths):
-        t0 = time.perf_counter()
-        spec = EnsembleSpec(net=ConvNetSpec(channels=int(width)), n_outputs=len(inputs.class_names),
-                            members=config.width_members, steps=config.steps, learning_rate=eta, centred=True,
-                            batch_size=config.batch_size, seed=100 + int(width))
-        ens = train(spec, inputs.x_train[idx], y, member_chunk=min(config.member_chunk, spec.members),
-                    progress=progress, description=f"width {width}: training centred CNNs")
-        outputs = ens.outputs(x_test)
-        member = [metrics.relative_distance(o, mu) for o in outputs]
-        out["widths"].append(int(width))
-        out["distance_mean"].append(metrics.relative_distance(outputs.mean(0), mu))
-        out["distance_member_mean"].append(float(np.mean(member)))
-        out["distance_member_std"].append(float(np.std(member)))
-        out["seconds"].append(time.perf_counter() - t0)
-    return out
+# -------------------------------------------------------------------------------------------------- run
 
+class HistologyComparison(CompareAdapter):
+    """Tiles for the generic comparison (`eqkernels.pipelines.compare`): group orbits, CNN/GCNN ensembles."""
+
+    plan_before_kernels = True                  # the calibration also measures the kernel pair rate
+    member_fields = ("members", "gcnn_members")
+
+    def load_inputs(self, config, data, ood):
+        inputs = load_inputs(config, data, ood)
+        return disk_masked(inputs) if config.interpolated else inputs
+
+    def calibrate(self, config, inputs, kernels):
+        from eqkernels.pipelines.histology_demo import measure_rate
+
+        # η only scales the probe's learning rate; its cost does not depend on it.
+        calibration = calibrate(config, inputs, 1e-3)
+        rate = measure_rate(ConvNetSpec(), inputs.train.images, config.size)
+        calibration["kernel_pairs_per_second"] = rate
+        n_classes, n_eval = len(inputs.class_names), len(inputs.x_eval)
+        estimate = lambda c: plan_seconds(c, n_classes, calibration["seconds_per_mac"], rate,  # noqa: E731
+                                          calibration["compile_seconds"], n_eval)
+        return estimate, calibration
+
+    def members_note(self, config, fitted):
+        return (f"members per ensemble reduced from {config.members} (CNN) / {config.gcnn_members} (GCNN) "
+                f"to {fitted.members} / {fitted.gcnn_members}")
+
+    def kernel_part(self, config, inputs, *, progress, log):
+        return kernel_part(config, inputs, ConvNetSpec(), progress=progress)
+
+    def kernel_log(self, config, kernels, seconds):
+        return (f"kernels: {kernels['pairs']:,} pairs in {kernels['seconds']:.0f} s; η = {kernels['eta']:.3g} "
+                f"(1/λ_max × {config.lr_scale:g})")
+
+    def kernel_rows(self, config, inputs, kernels):
+        return {f"kernel {name}": {"kind": "kernel", "label": f"{name} NTK (μ_k)",
+                                   "values": measure(info["orbit_scores"], inputs),
+                                   "accuracy_kernel_regression": info["accuracy_kernel_regression"]}
+                for name, info in kernels["models"].items()}
+
+    def after_kernels(self, config, inputs, kernels, progress):
+        """The kernels' rotation sweep (kept in `kernels['sweep']`; the pools add their rows to it)."""
+        from eqkernels.pipelines import histology_rotations as hr
+
+        t0 = time.perf_counter()
+        kernels["sweep"] = hr.start_sweep(kernels, inputs, ConvNetSpec(), resolve_group(config.group),
+                                          progress=progress) if config.sweep else None
+        return {"kernel sweep": time.perf_counter() - t0}
+
+    def pool_specs(self, config, inputs, eta):
+        return pool_specs(config, len(inputs.class_names), eta)
+
+    def train_pool(self, spec, inputs, *, member_chunk, progress, description):
+        return train(spec, inputs.x_train, inputs.y_train, member_chunk=member_chunk, progress=progress,
+                     description=description)
+
+    def member_outputs(self, config, ensemble, inputs):
+        """(M, |G|, n_eval, C): every member's scores on the orbits of every evaluation input."""
+        order, x_eval = resolve_group(config.group).order, inputs.x_eval
+        scores = ensemble.outputs(orbit_inputs(x_eval, config.group))
+        return scores.reshape(ensemble.members, order, len(x_eval), len(inputs.class_names))
+
+    def reference(self, config, kernels, pool):
+        return kernels["models"][matching_kernel(pool, config.group)]["orbit_scores"]
+
+    def measure(self, outputs, inputs, reference=None):
+        return measure(outputs, inputs, reference)
+
+    def curve_metrics(self, inputs, reference):
+        sl = inputs.slices()
+        out = []
+        for name, s in sl.items():
+            out += [(f"invariance_error_{name}", lambda o, s=s: o[:, :, s], invariance_error),
+                    (f"orbit_same_{name}", lambda o, s=s: o[:, :, s], orbit_same)]
+        test = sl["test"]
+        out.append(("distance_to_kernel_test", lambda o: o[:, 0, test],
+                    lambda m, ref=reference[0, test]: metrics.relative_distance(m, ref)))
+        return out
+
+    def saved_ensemble(self, ensemble, members, inputs, pool):
+        """The first repeat, as a file that `eqk histology predict` reads."""
+        return HistologyEnsemble(ensemble.select(range(members)), inputs.preprocessing, inputs.class_names,
+                                 inputs.train.fingerprints(), {"source": "eqk compare", "pool": pool})
+
+    def after_pool(self, config, pool, ensemble, inputs, kernels):
+        if kernels.get("sweep"):
+            from eqkernels.pipelines import histology_rotations as hr
+
+            kernels["sweep"]["rows"][f"ensemble {pool}"] = hr.ensemble_sweep(ensemble, inputs, seeds=config.seeds)
+
+    def pool_log(self, config, row):
+        v = row["values"]
+        return (f"accuracy {v['accuracy'][0]:.3f}, orbit-same test {v['orbit_same_test'][0]:.2f}/"
+                f"{resolve_group(config.group).order}")
+
+    def width_subset(self, config, inputs, kernels):
+        """A class-stratified subset of the training tiles (all of them if width_n_train covers them)."""
+        labels = inputs.train.labels
+        n_sub = min(config.width_n_train, len(inputs.x_train))
+        idx = stratified_split(labels, n_sub, seed=config.split_seed)[0] if n_sub < len(labels) else np.arange(len(labels))
+        test = inputs.slices()["test"]
+        return WidthSubset(n_sub, inputs.x_train[idx], inputs.y_train[idx], kernels["plain_train_ntk"][np.ix_(idx, idx)],
+                           kernels["plain_eval_ntk"][test][:, idx])
+
+    def width_ensemble(self, config, width, eta, subset, progress):
+        spec = EnsembleSpec(net=ConvNetSpec(channels=width), n_outputs=subset.y.shape[1], members=config.width_members,
+                            steps=config.steps, learning_rate=eta, centred=True, batch_size=config.batch_size,
+                            seed=100 + width)
+        return train(spec, subset.train, subset.y, member_chunk=min(config.member_chunk, spec.members),
+                     progress=progress, description=f"width {width}: training centred CNNs")
+
+    def test_outputs(self, ensemble, inputs):
+        return ensemble.outputs(inputs.sets["test"])
+
+    def summary(self, config, inputs, kernels, parts):
+        p = parts
+        return {"config": config.to_dict(), "group": config.group, "group_order": resolve_group(config.group).order,
+                "classes": inputs.class_names, "sets": inputs.descriptions,
+                "eta": kernels["eta"], "lambda_max": kernels["lambda_max"], "kernel_pairs": kernels["pairs"],
+                "identity_check": kernels["identity_check"], "rows": p["rows"], "curves": p["curves"],
+                "pools": p["pools"], "sweep": kernels["sweep"], "interpolated": config.interpolated,
+                "width_study": p["width_study"], "budget": p["budget"], "budget_note": p["budget_note"],
+                "calibration": p["calibration"], "timings": p["timings"], "ensembles": p["ensembles"]}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -566,26 +522,14 @@ def summary_lines(summary: dict) -> list[str]:
     if gcnn:
         worst = max(gcnn["values"][f"invariance_error_{s}"][0] for s in sets)
         out.append(f"- **GCNN ensemble**: invariant to float precision (largest invariance error {worst:.1e})")
-    w = summary["width_study"]
-    if len(w["widths"]) > 1:
-        out.append(f"- **width study** (centred): distance of the ensemble mean to μ_k {w['distance_mean'][0]:.3f} at "
-                   f"width {w['widths'][0]} → {w['distance_mean'][-1]:.3f} at width {w['widths'][-1]}")
-    return out
+    return out + width_study_line(summary["width_study"])
 
 
-def curve_ends(curve: dict):
-    """(first size, its mean, last size, its mean) of a size curve, or None when it is empty."""
-    if not curve["sizes"]:
-        return None
-    return curve["sizes"][0], curve["mean"][0], curve["sizes"][-1], curve["mean"][-1]
-
-
-def markdown(summary: dict) -> str:
-    c, order, group = summary["config"], summary["group_order"], summary["group"]
+def _setup_lines(summary: dict) -> list[str]:
+    """The '## Set-up' section: data, network, training, kernels, ensembles and the identity check."""
+    c, group = summary["config"], summary["group"]
     kernels = GROUP_KERNELS[group]
-    t = summary["timings"]
-    lines = [f"# eqk compare: emergent equivariance on histology tiles ({group}, |G| = {order})", "",
-             f"Run time **{t['total']:.0f} s** ({summary['budget_note']}).", ""]
+    lines = []
     lines += ["## Set-up", "",
               f"- **training tiles**: {c['n_train']} (class-stratified, split seed {c['split_seed']}), "
               f"{c['size']}×{c['size']} px, {len(summary['classes'])} classes"]
@@ -609,6 +553,16 @@ def markdown(summary: dict) -> str:
                            for key, row in summary["rows"].items() if row["kind"] == "ensemble") + " members",
               f"- transformed-tile kernels come from the identity K(a·x, y) = K(x, a⁻¹·y); recomputed from "
               f"pixels for 2 tiles: max relative deviation {summary['identity_check']:.1e}", ""]
+    return lines
+
+
+def markdown(summary: dict) -> str:
+    c, order, group = summary["config"], summary["group_order"], summary["group"]
+    kernels = GROUP_KERNELS[group]
+    t = summary["timings"]
+    lines = [f"# eqk compare: emergent equivariance on histology tiles ({group}, |G| = {order})", "",
+             f"Run time **{t['total']:.0f} s** ({summary['budget_note']}).", ""]
+    lines += _setup_lines(summary)
     lines += ["## Summary", ""] + summary_lines(summary) + [""]
     lines += [f"## Headline (in the form of Gerken & Kessel 2024): orbit-same-predictions of {order} and accuracy", ""]
     lines += _table(headline_rows(summary))
@@ -627,20 +581,13 @@ def markdown(summary: dict) -> str:
         lines += sweep_markdown(summary["sweep"], {k: v["label"] for k, v in summary["rows"].items()})
     lines += ["## Over the number of members", "",
               "Members of all repeats pooled; each size is averaged over disjoint ensembles from the pool.", ""]
-    for metric, title in (("invariance_error_test", "invariance error, test"),
-                          ("invariance_error_" + list(summary["sets"])[-1], "invariance error, "
-                           + SET_TITLES.get(list(summary["sets"])[-1], "")),
-                          ("orbit_same_" + (list(summary["sets"])[1] if len(summary["sets"]) > 1 else "test"),
-                           "orbit-same, " + SET_TITLES.get(list(summary["sets"])[1] if len(summary["sets"]) > 1
-                                                           else "test", "")),
-                          ("distance_to_kernel_test", "‖mean − μ_k‖/‖μ_k‖, test")):
-        sizes = sorted({m for curve in summary["curves"].values() for m in curve[metric]["sizes"]})
-        rows = [[title + " / members"] + [str(m) for m in sizes]]
-        for pool, curve in summary["curves"].items():
-            values = dict(zip(curve[metric]["sizes"], zip(curve[metric]["mean"], curve[metric]["std"])))
-            rows.append([summary["pools"][pool]["label"]] + [_fmt(list(values[m])) if m in values else "–"
-                                                            for m in sizes])
-        lines += _table(rows) + [""]
+    sets = list(summary["sets"])
+    second = sets[1] if len(sets) > 1 else "test"
+    shown = (("invariance_error_test", "invariance error, test"),
+             ("invariance_error_" + sets[-1], "invariance error, " + SET_TITLES.get(sets[-1], "")),
+             ("orbit_same_" + second, "orbit-same, " + SET_TITLES.get(second, "")),
+             ("distance_to_kernel_test", "‖mean − μ_k‖/‖μ_k‖, test"))
+    lines += member_curve_tables(summary, shown)
     lines += ["Plots: `members.png`.", ""]
     w = summary["width_study"]
     lines += ["## Width study: centred networks approach μ_k", "",
@@ -650,13 +597,8 @@ def markdown(summary: dict) -> str:
               "ensemble's mean also carries its members' random initial functions, which average out only as "
               "1/√members and would hide the width; centring removes them exactly, so what is left is the "
               "finite-width effect.", ""]
-    rows = [["width", "‖ensemble mean − μ_k‖/‖μ_k‖", "single member (mean ± std)", "seconds"]]
-    for i, width in enumerate(w["widths"]):
-        rows.append([str(width), f"{w['distance_mean'][i]:.4f}",
-                     f"{w['distance_member_mean'][i]:.4f} ± {w['distance_member_std'][i]:.4f}", f"{w['seconds'][i]:.0f}"])
-    lines += _table(rows) + ["", "Plot: `width.png`.", ""]
-    lines += ["## Time", ""]
-    lines += _table([["stage", "seconds"]] + [[k, f"{v:.1f}"] for k, v in t.items()])
+    lines += width_study_table(w) + ["", "Plot: `width.png`.", ""]
+    lines += timing_lines(t)
     lines += ["", "Ensemble files (first repeat of each model) for `eqk histology predict`: "
               + ", ".join(f"`ensembles/{p}.h5`" for p in summary["curves"]) + ".", ""]
     return "\n".join(lines) + "\n"
@@ -689,19 +631,13 @@ def plot(summary: dict, out_dir: Path) -> None:
             c = curve[f"invariance_error_{s}"]
             if pool == "gcnn":  # exactly invariant: float noise only, keep the log axis readable
                 continue
-            axes[0].errorbar(c["sizes"], c["mean"], yerr=c["std"], ls=styles.get(s, "-"), color=colours[pool],
-                             marker="o", ms=3, capsize=2, label=f"{label}, {SET_TITLES.get(s, s)}")
+            errorbar_curve(axes[0], c, ls=styles.get(s, "-"), color=colours[pool],
+                           label=f"{label}, {SET_TITLES.get(s, s)}")
         for s in sets[1:] or sets:
-            c = curve[f"orbit_same_{s}"]
-            axes[1].errorbar(c["sizes"], c["mean"], yerr=c["std"], ls=styles.get(s, "-"), color=colours[pool],
-                             marker="o", ms=3, capsize=2, label=f"{label}, {SET_TITLES.get(s, s)}")
-        c = curve["distance_to_kernel_test"]
-        axes[2].errorbar(c["sizes"], c["mean"], yerr=c["std"], color=colours[pool], marker="o", ms=3, capsize=2,
-                         label=label)
-    aug = summary["curves"]["cnn-aug"]["invariance_error_test"]
-    if aug["sizes"]:
-        m = np.asarray(aug["sizes"], float)
-        axes[0].plot(m, aug["mean"][0] / np.sqrt(m), color="grey", lw=0.8, label="1/√members")
+            errorbar_curve(axes[1], curve[f"orbit_same_{s}"], ls=styles.get(s, "-"), color=colours[pool],
+                           label=f"{label}, {SET_TITLES.get(s, s)}")
+        errorbar_curve(axes[2], curve["distance_to_kernel_test"], color=colours[pool], label=label)
+    sqrt_members_guide(axes[0], summary["curves"]["cnn-aug"]["invariance_error_test"])
     axes[0].set(xscale="log", yscale="log", xlabel="members", ylabel="invariance error of the ensemble mean",
                 title="invariance error")
     axes[1].set(xscale="log", xlabel="members", ylabel=f"orbit-same (of {summary['group_order']})",
@@ -719,17 +655,6 @@ def plot(summary: dict, out_dir: Path) -> None:
                      title="centred CNNs approach the NTK mean prediction")
 
 
-def write_report(summary: dict, out_dir: str | Path) -> dict:
-    """report.md, report.json, members.png, width.png and ensembles/*.h5 in `out_dir`; returns the JSON."""
-    from eqkernels.apps._common import write_json
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ensembles = summary.pop("ensembles", {})
-    for pool, ens in ensembles.items():
-        ens.save(out_dir / "ensembles" / f"{pool}.h5")
-    summary["headline"] = headline_rows(summary)
-    write_json(out_dir / "report.json", summary)
-    plot(summary, out_dir)
-    (out_dir / "report.md").write_text(markdown(summary))
-    return summary
+ADAPTER = HistologyComparison(headline_rows, markdown, plot)
+run = ADAPTER.run                      # run(config, *, data, ood, budget, progress, log) → the summary
+write_report = ADAPTER.write_report    # write_report(summary, out_dir) → the JSON record

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +32,14 @@ import numpy as np
 from eqkernels import metrics
 from eqkernels.environments import EnvironmentSpec, atom_environments, channel_scales
 from eqkernels.errors import InputError
-from eqkernels.ensembles import size_curve
 from eqkernels.molecule_ensembles import AtomMLPEnsembleSpec, MoleculeEnsemble, rotate_molecules, train
 from eqkernels.molecule_kernel import MoleculeKernel
 from eqkernels.pipelines.molecules import Atoms, atom_features
-from eqkernels.pipelines.molecules_ensemble import TARGET, UNIT, ensemble_meta
-from eqkernels.pipelines.compare_report import (format_value as _fmt, markdown_table as _table, mean_std,
-                                                  plot_width_study, save_figure)
+from eqkernels.pipelines.compare import CompareAdapter, CompareSizes, WidthSubset
+from eqkernels.pipelines.molecules_ensemble import TARGET, UNIT, EnsembleFile, ensemble_meta
+from eqkernels.pipelines.compare_report import (errorbar_curve, format_value as _fmt, markdown_table as _table,
+                                                  member_curve_tables, plot_width_study, save_figure, sqrt_members_guide,
+                                                  timing_lines, width_study_line, width_study_table)
 from eqkernels.solvers import dual_coefficients
 from eqkernels.so3 import DEFAULT_QUADRATURE_DEGREE, AtomKernelSpec, quadrature_error, random_rotations
 
@@ -47,7 +48,7 @@ POOLS = {"mlp": "mlp", "mlp-aug": "mlp-so3avg"}   # ensemble pool → the kernel
 
 
 @dataclass
-class MoleculeCompareConfig:
+class MoleculeCompareConfig(CompareSizes):
     """Sizes of one molecule comparison on 2 CPU cores: 7 min 42 s at the default quadrature degree 17
     (measured 2026-12-02), about 3 minutes at degree 5; `--quadrature-degree 7` is the speed option."""
 
@@ -61,7 +62,7 @@ class MoleculeCompareConfig:
     seeds: int = 3                 # independent ensembles per model
     curve_sizes: tuple = (1, 2, 4, 8, 16, 24)
     rotations: int = 3             # random rotations per molecule for the invariance error
-    centred: bool = True           # compared ensembles are centred networks F(x;θ) − F(x;θ₀) (see `run`)
+    centred: bool = True           # compared ensembles are centred networks F(x;θ) − F(x;θ₀) (see `markdown`)
     widths: tuple = (32, 64, 128, 256)  # width study (centred MLPs, no augmentation)
     width_members: int = 2
     width_n_train: int = 20
@@ -70,20 +71,8 @@ class MoleculeCompareConfig:
     member_chunk: int = 10
 
     def __post_init__(self):
-        positive = ("n_train", "n_test", "width", "members", "seeds", "rotations", "width_members",
-                    "width_n_train", "quadrature_degree", "member_chunk")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.n_ood < 0 or self.steps < 0:
-            raise InputError("--n-ood and --steps must be >= 0")
-        if not (self.lr_scale > 0 and math.isfinite(self.lr_scale)):
-            raise InputError(f"--lr-scale must be a positive number, got {self.lr_scale}")
-        if not self.widths or any(w < 1 for w in self.widths):
-            raise InputError(f"--widths must be positive integers, got {self.widths}")
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        self.check_sizes(("n_train", "n_test", "width", "members", "seeds", "rotations", "width_members",
+                          "width_n_train", "quadrature_degree", "member_chunk"))
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -106,13 +95,12 @@ class Inputs:
     max_train_atoms: int = 0
 
 
-def load_inputs(config: MoleculeCompareConfig, data=None, ood=None) -> Inputs:
-    """Split, featurise, fit the baseline (atom references + element fit), rotate copies."""
+def _read_molecules(config: MoleculeCompareConfig, data, ood, env: EnvironmentSpec) -> tuple:
+    """(data path, all molecules, indices open to training and test, OOD molecules or None, OOD note)."""
     from eqkernels.pipelines import molecules as mp
 
     data_path = Path(data) if data is not None else mp.default_data_path()
     mols = mp.load_molecules(data_path)
-    env = EnvironmentSpec()
     mp.check_molecules(mols, env.elements, path=data_path)
     if TARGET not in mols.properties or not np.all(np.isfinite(mols.properties[TARGET])):
         raise InputError(f"the data has no (or missing) {TARGET!r} values", data_path)
@@ -138,6 +126,34 @@ def load_inputs(config: MoleculeCompareConfig, data=None, ood=None) -> Inputs:
         ood_mols = mols.subset(ood_idx)
     if config.n_train + 1 > len(pool):
         raise InputError(f"--n-train {config.n_train} leaves no held-out molecules of {len(pool)}", data_path)
+    return data_path, mols, pool, ood_mols, ood_note
+
+
+def _rotated_copies(config: MoleculeCompareConfig, base: Atoms, k: int) -> list[Atoms]:
+    """[base, then `rotations` randomly rotated copies of it] for the k-th evaluation set."""
+    copies = [base]
+    for r in range(config.rotations):
+        rot = random_rotations(base.n, seed=config.split_seed * 1000 + 100 * k + r + 1)
+        copies.append(Atoms(rotate_molecules(base.x, base.mol, rot), base.mol, base.n))
+    return copies
+
+
+def _set_descriptions(data_path: Path, test_mols, ood_mols, ood_note: str, n_max: int) -> dict[str, str]:
+    descriptions = {"test": f"{len(test_mols)} held-out molecules of {data_path.name} "
+                            f"({int(test_mols.n_atoms.min())}–{int(test_mols.n_atoms.max())} atoms)"}
+    if ood_mols is not None:
+        descriptions["ood"] = (ood_note or f"the {len(ood_mols)} largest molecules of {data_path.name}, kept out of "
+                               f"training and test") + (f" ({int(ood_mols.n_atoms.min())}–{int(ood_mols.n_atoms.max())} "
+                                                        f"atoms; training molecules have at most {n_max})")
+    return descriptions
+
+
+def load_inputs(config: MoleculeCompareConfig, data=None, ood=None) -> Inputs:
+    """Split, featurise, fit the baseline (atom references + element fit), rotate copies."""
+    from eqkernels.pipelines import molecules as mp
+
+    env = EnvironmentSpec()
+    data_path, mols, pool, ood_mols, ood_note = _read_molecules(config, data, ood, env)
     train_local, test_local = mp.split_indices(len(pool), config.n_train, min(config.n_test, len(pool) - config.n_train),
                                                seed=config.split_seed)
     train_mols, test_mols = mols.subset(pool[train_local]), mols.subset(pool[test_local])
@@ -158,27 +174,13 @@ def load_inputs(config: MoleculeCompareConfig, data=None, ood=None) -> Inputs:
     x, mol = atom_environments(env, train_mols.numbers, train_mols.positions)
     scale = channel_scales(env, x)
     l0 = np.mean(x[:, :, 0] * scale[None, :], axis=0)
-    train_atoms = atom_features(env, train_mols, scale, l0)
     named = {"test": test_mols} | ({"ood": ood_mols} if ood_mols is not None else {})
-    sets, residuals = {}, {}
-    for k, (name, m) in enumerate(named.items()):
-        base = atom_features(env, m, scale, l0)
-        copies = [base]
-        for r in range(config.rotations):
-            rot = random_rotations(base.n, seed=config.split_seed * 1000 + 100 * k + r + 1)
-            copies.append(Atoms(rotate_molecules(base.x, base.mol, rot), base.mol, base.n))
-        sets[name] = copies
-        residuals[name] = residual(m) - m.element_counts(env.elements) @ element_coef
+    sets = {name: _rotated_copies(config, atom_features(env, m, scale, l0), k) for k, (name, m) in enumerate(named.items())}
+    residuals = {name: residual(m) - m.element_counts(env.elements) @ element_coef for name, m in named.items()}
     n_max = int(train_mols.n_atoms.max())
-    descriptions = {"test": f"{len(test_mols)} held-out molecules of {data_path.name} "
-                            f"({int(test_mols.n_atoms.min())}–{int(test_mols.n_atoms.max())} atoms)"}
-    if ood_mols is not None:
-        descriptions["ood"] = (ood_note or f"the {len(ood_mols)} largest molecules of {data_path.name}, kept out of "
-                               f"training and test") + (f" ({int(ood_mols.n_atoms.min())}–{int(ood_mols.n_atoms.max())} "
-                                                        f"atoms; training molecules have at most {n_max})")
-    return Inputs(env, scale, l0, element_coef, atomrefs, y_scale, train_atoms, res_train / y_scale, sets, residuals,
-                  descriptions, n_max)
-
+    return Inputs(env, scale, l0, element_coef, atomrefs, y_scale, atom_features(env, train_mols, scale, l0),
+                  res_train / y_scale, sets, residuals, _set_descriptions(data_path, test_mols, ood_mols, ood_note, n_max),
+                  n_max)
 
 # --------------------------------------------------------------------------------------------- measures
 
@@ -276,30 +278,6 @@ def ensemble_copies(ens: MoleculeEnsemble, inputs: Inputs) -> dict[str, np.ndarr
     return out
 
 
-def fit_to_budget(config: MoleculeCompareConfig, member_step_s: dict, width_step_s, budget: float) -> tuple:
-    """Shrink members per ensemble (then the widest widths) until the estimate fits 90% of `budget`."""
-    def estimate(c):
-        pools = sum(c.seeds * c.members * c.steps * member_step_s[p] for p in member_step_s)
-        return pools + sum(width_step_s(w) * c.width_members * c.steps for w in c.widths)
-
-    fitted, total = config, estimate(config)
-    if total <= 0.9 * budget:
-        return fitted, f"estimated {total:.0f} s for the ensembles of a {budget:.0f} s remaining budget: sizes as configured"
-    while total > 0.9 * budget and fitted.members > 2:
-        fitted = replace(fitted, members=max(2, int(fitted.members * max(min(0.9 * budget / total, 0.9), 0.3))))
-        total = estimate(fitted)
-    while total > 0.9 * budget and len(fitted.widths) > 2:
-        fitted = replace(fitted, widths=tuple(sorted(fitted.widths))[:-1])
-        total = estimate(fitted)
-    notes = []
-    if fitted.members != config.members:
-        notes.append(f"members per ensemble reduced from {config.members} to {fitted.members}")
-    if fitted.widths != config.widths:
-        notes.append(f"width study limited to widths {list(fitted.widths)}")
-    over = " (still over: the smallest plan)" if total > 0.9 * budget else ""
-    return fitted, f"estimated {total:.0f} s for the ensembles after fitting{over}: " + "; ".join(notes)
-
-
 def _calibrate(config: MoleculeCompareConfig, inputs: Inputs, eta: float) -> tuple[dict, callable]:
     """Seconds per member-step of each pool and of a width-study network (3-step probes)."""
     tr = inputs.train
@@ -317,109 +295,111 @@ def _calibrate(config: MoleculeCompareConfig, inputs: Inputs, eta: float) -> tup
 
 # -------------------------------------------------------------------------------------------------- run
 
-def run(config: MoleculeCompareConfig, *, data=None, ood=None, budget: float | None = None, progress=None,
-        log=lambda message: None) -> dict:
-    """Everything the report shows, as JSON-ready values (plus the ensembles to save)."""
-    started = time.perf_counter()
-    timings = {}
-    inputs = load_inputs(config, data, ood)
-    timings["data"] = time.perf_counter() - started
+def _invariance_of_mean(mean_outputs: np.ndarray) -> float:
+    """Invariance error of an ensemble mean on a set's copies (R+1, N), in units of σ_y."""
+    return metrics.mean_relative_change(mean_outputs[..., None], scale=1.0)
 
-    t0 = time.perf_counter()
-    kernels = kernel_part(config, inputs, progress=progress, log=log)
-    timings["kernels"] = time.perf_counter() - t0
-    eta = kernels["eta"]
-    log(f"kernels in {timings['kernels']:.0f} s; η = {eta:.3g} (1/λ_max × {config.lr_scale:g})")
 
-    budget_note = "no budget given: sizes as configured"
-    if budget is not None and budget > 0:
-        t0 = time.perf_counter()
-        per, width_step = _calibrate(config, inputs, eta)
-        config, budget_note = fit_to_budget(config, per, width_step, budget - (time.perf_counter() - started))
-        timings["calibration"] = time.perf_counter() - t0
-        log(f"plan: {budget_note}")
+class MoleculeComparison(CompareAdapter):
+    """Molecules for the generic comparison (`eqkernels.pipelines.compare`): rotated copies, per-atom MLPs."""
 
-    rows = {"baseline": {"kind": "baseline", "label": "element fit only (no learned part)",
-                         "values": measure({k: np.zeros((1, len(v))) for k, v in inputs.residuals.items()}, inputs)}}
-    for name, info in kernels["models"].items():
-        rows[f"kernel {name}"] = {"kind": "kernel", "label": f"{name} NTK (μ_k)", "values": measure(info["copies"], inputs),
-                                  "mae_kernel_regression": info["mae_kernel_regression"], "eta": info["eta"],
-                                  "lambda_max": info["lambda_max"],
-                                  "rotated_copies": len(next(iter(info["copies"].values()))) - 1}
+    budget_words = ("estimated {total:.0f} s for the ensembles of a {budget:.0f} s remaining budget: sizes as configured",
+                    "estimated {total:.0f} s for the ensembles after fitting{over}: ")
 
-    curves, pools_info, saved = {}, {}, {}
-    for pool, spec in pool_specs(config, eta).items():
-        t0 = time.perf_counter()
+    def load_inputs(self, config, data, ood):
+        return load_inputs(config, data, ood)
+
+    def calibrate(self, config, inputs, kernels):
+        """Seconds of the ensembles (pools and width study) from 3-step probes at the kernels' η."""
+        per, width_step = _calibrate(config, inputs, kernels["eta"])
+
+        def estimate(c):
+            pools = sum(c.seeds * c.members * c.steps * per[p] for p in per)
+            return pools + sum(width_step(w) * c.width_members * c.steps for w in c.widths)
+
+        return estimate, None
+
+    def kernel_part(self, config, inputs, *, progress, log):
+        return kernel_part(config, inputs, progress=progress, log=log)
+
+    def kernel_log(self, config, kernels, seconds):
+        return f"kernels in {seconds:.0f} s; η = {kernels['eta']:.3g} (1/λ_max × {config.lr_scale:g})"
+
+    def kernel_rows(self, config, inputs, kernels):
+        zeros = {k: np.zeros((1, len(v))) for k, v in inputs.residuals.items()}
+        rows = {"baseline": {"kind": "baseline", "label": "element fit only (no learned part)",
+                             "values": measure(zeros, inputs)}}
+        for name, info in kernels["models"].items():
+            rows[f"kernel {name}"] = {"kind": "kernel", "label": f"{name} NTK (μ_k)", "values": measure(info["copies"], inputs),
+                                      "mae_kernel_regression": info["mae_kernel_regression"], "eta": info["eta"],
+                                      "lambda_max": info["lambda_max"],
+                                      "rotated_copies": len(next(iter(info["copies"].values()))) - 1}
+        return rows
+
+    def pool_specs(self, config, inputs, eta):
+        return pool_specs(config, eta)
+
+    def train_pool(self, spec, inputs, *, member_chunk, progress, description):
         tr = inputs.train
-        ens = train(spec, tr.x, tr.mol, tr.n, inputs.y_train, member_chunk=min(config.member_chunk, spec.members),
-                    progress=progress, description=f"training {spec.label} ensembles")
-        outputs = ensemble_copies(ens, inputs)                       # {set: (M, R+1, N)}
-        reference = kernels["models"][POOLS[pool]]["copies"]
-        seeds = [measure({k: v[s * config.members:(s + 1) * config.members].mean(0) for k, v in outputs.items()},
-                         inputs, reference) for s in range(config.seeds)]
-        rows[f"ensemble {pool}"] = {"kind": "ensemble", "label": f"{spec.label} ensemble, {config.members} members",
-                                    "members": config.members, "seeds": seeds, "values": mean_std(seeds),
-                                    "rotated_copies": config.rotations}
-        saved[pool] = ens.select(range(config.members))
-        curve = {}
-        for set_name, out in outputs.items():
-            curve[f"invariance_error_{set_name}"] = size_curve(
-                out, config.curve_sizes, lambda m: metrics.mean_relative_change(m[..., None], scale=1.0))
-            curve[f"mae_{set_name}"] = size_curve(
-                out[:, 0], config.curve_sizes, lambda m, r=inputs.residuals[set_name]: metrics.mae(r, m * inputs.y_scale))
-        curve["distance_to_kernel_test"] = size_curve(
-            outputs["test"][:, 0], config.curve_sizes,
-            lambda m, ref=reference["test"][0]: metrics.relative_distance(m, ref))
-        curves[pool] = curve
-        timings[f"ensembles {pool}"] = time.perf_counter() - t0
-        pools_info[pool] = {"spec": spec.to_dict(), "label": spec.label, "seconds": time.perf_counter() - t0,
-                            "timing": ens.timing,
-                            "initial_loss_mean": float(np.mean(ens.loss_history[0])) if spec.steps else None,
-                            "final_loss_mean": float(np.mean(ens.loss_history[-1])) if spec.steps else None}
-        v = rows[f"ensemble {pool}"]["values"]
-        log(f"{spec.label}: {spec.members} members in {time.perf_counter() - t0:.0f} s; MAE test "
-            f"{v['mae_test'][0]:.0f} meV, invariance error test {v['invariance_error_test'][0]:.3f}")
+        return train(spec, tr.x, tr.mol, tr.n, inputs.y_train, member_chunk=member_chunk, progress=progress,
+                     description=description)
 
-    t0 = time.perf_counter()
-    width_study = run_width_study(config, inputs, kernels, progress=progress)
-    timings["width study"] = time.perf_counter() - t0
-    log("width study: " + ", ".join(f"{w}: {d:.3f}" for w, d in zip(width_study["widths"], width_study["distance_mean"])))
-    timings["total"] = time.perf_counter() - started
-    return {"task": "molecules", "target": TARGET, "unit": UNIT, "config": config.to_dict(), "sets": inputs.descriptions,
-            "y_scale": inputs.y_scale, "eta": eta, "lambda_max": kernels["lambda_max"], "rows": rows, "curves": curves,
-            "pools": pools_info, "width_study": width_study, "budget": budget, "budget_note": budget_note,
-            "timings": timings, "ensembles": saved, "_inputs": inputs}
+    def member_outputs(self, config, ensemble, inputs):
+        return ensemble_copies(ensemble, inputs)                       # {set: (M, R+1, N)}
 
+    def reference(self, config, kernels, pool):
+        return kernels["models"][POOLS[pool]]["copies"]
 
-def run_width_study(config: MoleculeCompareConfig, inputs: Inputs, kernels: dict, *, progress=None) -> dict:
-    """Centred per-atom MLP ensembles of growing width on the first training molecules: distance of the
-    ensemble mean (and of single members) to the `mlp` kernel's μ_k on the held-out molecules."""
-    tr = inputs.train
-    n_sub = min(config.width_n_train, tr.n)
-    keep = tr.mol < n_sub                                   # atoms are sorted by molecule
-    x, mol = tr.x[keep], tr.mol[keep]
-    theta = kernels["plain_train_ntk"][:n_sub, :n_sub]
-    eta = config.lr_scale / float(np.linalg.eigvalsh(theta)[-1])
-    y = inputs.y_train[:n_sub]
-    alpha = dual_coefficients(theta, y, ridge=0.0, time=config.steps, learning_rate=eta, discrete=True)
-    mu = kernels["plain_test_ntk"][:, :n_sub] @ alpha
-    test = inputs.sets["test"][0]
-    out = {"n_train": int(n_sub), "eta": eta, "members": config.width_members, "widths": [], "distance_mean": [],
-           "distance_member_mean": [], "distance_member_std": [], "seconds": []}
-    for width in sorted(config.widths):
-        t0 = time.perf_counter()
-        spec = AtomMLPEnsembleSpec(width=int(width), members=config.width_members, steps=config.steps,
-                                   learning_rate=eta, centred=True, seed=100 + int(width))
-        ens = train(spec, x, mol, n_sub, y, member_chunk=min(config.member_chunk, spec.members), progress=progress,
-                    description=f"width {width}: training centred MLPs")
-        outputs = ens.outputs(test.x, test.mol, test.n)
-        member = [metrics.relative_distance(o, mu) for o in outputs]
-        out["widths"].append(int(width))
-        out["distance_mean"].append(metrics.relative_distance(outputs.mean(0), mu))
-        out["distance_member_mean"].append(float(np.mean(member)))
-        out["distance_member_std"].append(float(np.std(member)))
-        out["seconds"].append(time.perf_counter() - t0)
-    return out
+    def measure(self, outputs, inputs, reference=None):
+        return measure(outputs, inputs, reference)
+
+    def curve_metrics(self, inputs, reference):
+        out = []
+        for name in inputs.sets:
+            out += [(f"invariance_error_{name}", lambda o, s=name: o[s], _invariance_of_mean),
+                    (f"mae_{name}", lambda o, s=name: o[s][:, 0],
+                     lambda m, r=inputs.residuals[name]: metrics.mae(r, m * inputs.y_scale))]
+        out.append(("distance_to_kernel_test", lambda o: o["test"][:, 0],
+                    lambda m, ref=reference["test"][0]: metrics.relative_distance(m, ref)))
+        return out
+
+    def row_extras(self, config):
+        return {"rotated_copies": config.rotations}
+
+    def saved_ensemble(self, ensemble, members, inputs, pool):
+        """The first seed with the features and baseline a prediction needs (`molecules_ensemble`)."""
+        return EnsembleFile(ensemble.select(range(members)), *ensemble_meta(inputs))
+
+    def pool_log(self, config, row):
+        v = row["values"]
+        return f"MAE test {v['mae_test'][0]:.0f} meV, invariance error test {v['invariance_error_test'][0]:.3f}"
+
+    def width_subset(self, config, inputs, kernels):
+        """The first width_n_train training molecules (atoms are sorted by molecule)."""
+        tr = inputs.train
+        n_sub = min(config.width_n_train, tr.n)
+        keep = tr.mol < n_sub
+        return WidthSubset(n_sub, Atoms(tr.x[keep], tr.mol[keep], n_sub), inputs.y_train[:n_sub],
+                           kernels["plain_train_ntk"][:n_sub, :n_sub], kernels["plain_test_ntk"][:, :n_sub])
+
+    def width_ensemble(self, config, width, eta, subset, progress):
+        spec = AtomMLPEnsembleSpec(width=width, members=config.width_members, steps=config.steps,
+                                   learning_rate=eta, centred=True, seed=100 + width)
+        a = subset.train
+        return train(spec, a.x, a.mol, a.n, subset.y, member_chunk=min(config.member_chunk, spec.members),
+                     progress=progress, description=f"width {width}: training centred MLPs")
+
+    def test_outputs(self, ensemble, inputs):
+        test = inputs.sets["test"][0]
+        return ensemble.outputs(test.x, test.mol, test.n)
+
+    def summary(self, config, inputs, kernels, parts):
+        p = parts
+        return {"task": "molecules", "target": TARGET, "unit": UNIT, "config": config.to_dict(),
+                "sets": inputs.descriptions, "y_scale": inputs.y_scale, "eta": kernels["eta"],
+                "lambda_max": kernels["lambda_max"], "rows": p["rows"], "curves": p["curves"], "pools": p["pools"],
+                "width_study": p["width_study"], "budget": p["budget"], "budget_note": p["budget_note"],
+                "timings": p["timings"], "ensembles": p["ensembles"]}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -458,11 +438,7 @@ def summary_lines(summary: dict) -> list[str]:
                f"of degree {summary['config']['quadrature_degree']}"
                + (f", below the default {DEFAULT_QUADRATURE_DEGREE}: a speed option"
                   if summary["config"]["quadrature_degree"] < DEFAULT_QUADRATURE_DEGREE else "") + ")")
-    w = summary["width_study"]
-    if len(w["widths"]) > 1:
-        out.append(f"- **width study** (centred): distance of the ensemble mean to μ_k {w['distance_mean'][0]:.3f} at "
-                   f"width {w['widths'][0]} → {w['distance_mean'][-1]:.3f} at width {w['widths'][-1]}")
-    return out
+    return out + width_study_line(summary["width_study"])
 
 
 def markdown(summary: dict) -> str:
@@ -509,26 +485,14 @@ def markdown(summary: dict) -> str:
               "Members of all seeds pooled; each size is averaged over disjoint ensembles from the pool.", ""]
     metrics_shown = [(f"invariance_error_{s}", f"invariance error, {SET_TITLES.get(s, s)}") for s in sets] + \
                     [("distance_to_kernel_test", "‖mean − μ_k‖/‖μ_k‖, test"), ("mae_test", "MAE test (meV)")]
-    for metric, title in metrics_shown:
-        sizes = sorted({m for curve in summary["curves"].values() for m in curve[metric]["sizes"]})
-        rows = [[title + " / members"] + [str(m) for m in sizes]]
-        for pool, curve in summary["curves"].items():
-            values = dict(zip(curve[metric]["sizes"], zip(curve[metric]["mean"], curve[metric]["std"])))
-            rows.append([summary["pools"][pool]["label"]] + [_fmt(list(values[m]), 0 if metric == "mae_test" else 4)
-                                                            if m in values else "–" for m in sizes])
-        lines += _table(rows) + [""]
+    lines += member_curve_tables(summary, metrics_shown, digits=lambda metric: 0 if metric == "mae_test" else 4)
     lines += ["Plots: `members.png`.", ""]
     w = summary["width_study"]
     lines += ["## Width study: centred networks approach μ_k", "",
               f"Centred per-atom MLPs without augmentation, {w['members']} members per width, the first {w['n_train']} "
               f"training molecules, the same {c['steps']} steps at η = {w['eta']:.4g} (1/λ_max of their training "
               f"kernel × {c['lr_scale']:g}); distance to the `mlp` kernel's μ_k on the test molecules.", ""]
-    rows = [["width", "‖ensemble mean − μ_k‖/‖μ_k‖", "single member (mean ± std)", "seconds"]]
-    for i, width in enumerate(w["widths"]):
-        rows.append([str(width), f"{w['distance_mean'][i]:.4f}",
-                     f"{w['distance_member_mean'][i]:.4f} ± {w['distance_member_std'][i]:.4f}", f"{w['seconds'][i]:.0f}"])
-    lines += _table(rows) + ["", "Plot: `width.png`.", "", "## Time", ""]
-    lines += _table([["stage", "seconds"]] + [[k, f"{v:.1f}"] for k, v in t.items()])
+    lines += width_study_table(w) + ["", "Plot: `width.png`.", ""] + timing_lines(t)
     lines += ["", "Ensemble files (first seed of each model, with the preprocessing): "
               + ", ".join(f"`ensembles/{p}.h5`" for p in summary["curves"])
               + "; `eqkernels.pipelines.molecules_ensemble.predict_with_ensemble(path, molecules)` predicts from them.", ""]
@@ -549,21 +513,14 @@ def plot(summary: dict, out_dir: Path) -> None:
         label = summary["pools"][pool]["label"]
         for s in sets:
             c = curve[f"invariance_error_{s}"]
-            axes[0].errorbar(c["sizes"], c["mean"], yerr=c["std"], ls=styles.get(s, "--"), color=colours[pool],
-                             marker="o", ms=3, capsize=2, label=f"{label}, {SET_TITLES.get(s, s)}")
-        c = curve["distance_to_kernel_test"]
-        axes[1].errorbar(c["sizes"], c["mean"], yerr=c["std"], color=colours[pool], marker="o", ms=3, capsize=2,
-                         label=label)
-        c = curve["mae_test"]
-        axes[2].errorbar(c["sizes"], c["mean"], yerr=c["std"], color=colours[pool], marker="o", ms=3, capsize=2,
-                         label=label)
+            errorbar_curve(axes[0], c, ls=styles.get(s, "--"), color=colours[pool],
+                           label=f"{label}, {SET_TITLES.get(s, s)}")
+        errorbar_curve(axes[1], curve["distance_to_kernel_test"], color=colours[pool], label=label)
+        errorbar_curve(axes[2], curve["mae_test"], color=colours[pool], label=label)
     for name, colour in (("kernel mlp", "tab:red"), ("kernel mlp-so3avg", "tab:blue"), ("kernel so3gcnn", "tab:green")):
         axes[2].axhline(summary["rows"][name]["values"]["mae_test"], color=colour, lw=0.8, ls="--",
                         label=f"{name.split(' ')[1]} μ_k")
-    aug = summary["curves"].get("mlp-aug", {}).get("invariance_error_test")
-    if aug and aug["sizes"]:
-        m = np.asarray(aug["sizes"], float)
-        axes[0].plot(m, aug["mean"][0] / np.sqrt(m), color="grey", lw=0.8, label="1/√members")
+    sqrt_members_guide(axes[0], summary["curves"].get("mlp-aug", {}).get("invariance_error_test"))
     axes[0].set(xscale="log", yscale="log", xlabel="members", ylabel="invariance error (units of σ_y)",
                 title="invariance error of the ensemble mean")
     axes[1].set(xscale="log", yscale="log", xlabel="members", ylabel="‖mean − μ_k‖/‖μ_k‖ (test)",
@@ -576,20 +533,6 @@ def plot(summary: dict, out_dir: Path) -> None:
                      title="centred per-atom MLPs approach the NTK mean prediction")
 
 
-def write_report(summary: dict, out_dir: str | Path) -> dict:
-    """report.md, report.json, members.png, width.png and ensembles/*.h5 in `out_dir`; returns the JSON."""
-    from eqkernels.apps._common import write_json
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ensembles = summary.pop("ensembles", {})
-    inputs = summary.pop("_inputs", None)
-    if inputs is not None:
-        meta, arrays = ensemble_meta(inputs)
-        for pool, ens in ensembles.items():
-            ens.save(out_dir / "ensembles" / f"{pool}.h5", meta, arrays)
-    summary["headline"] = headline_rows(summary)
-    write_json(out_dir / "report.json", summary)
-    plot(summary, out_dir)
-    (out_dir / "report.md").write_text(markdown(summary))
-    return summary
+ADAPTER = MoleculeComparison(headline_rows, markdown, plot)
+run = ADAPTER.run                      # run(config, *, data, ood, budget, progress, log) → the summary
+write_report = ADAPTER.write_report    # write_report(summary, out_dir) → the JSON record

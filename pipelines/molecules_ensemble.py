@@ -2,6 +2,7 @@
 (features and baseline), and predictions (meV) from such a file (`eqk molecules predict`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,18 @@ from eqkernels.molecule_ensembles import MoleculeEnsemble
 from eqkernels.pipelines.molecules import atom_features, check_molecules
 
 TARGET, UNIT = "U0", "meV"
+
+
+@dataclass
+class EnsembleFile:
+    """A molecule ensemble with what a prediction needs beside its parameters (`ensemble_meta`)."""
+
+    ensemble: MoleculeEnsemble
+    meta: dict
+    arrays: dict[str, np.ndarray]
+
+    def save(self, path: str | Path) -> Path:
+        return self.ensemble.save(path, self.meta, self.arrays)
 
 
 def ensemble_meta(inputs) -> tuple[dict, dict[str, np.ndarray]]:
