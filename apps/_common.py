@@ -1,5 +1,5 @@
-"""Helpers shared by the `eqk` commands: atomic output folders and consoles. The file helpers (atomic files,
-JSON) live in `eqkernels.store`; they are imported here for the commands that use them."""
+"""Helpers shared by the `eqk` commands: atomic output folders and consoles. The file helpers (atomic files, JSON)
+live in `eqkernels.store`; `to_jsonable` is imported here for the commands that print JSON."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from eqkernels.store import atomic_file, to_jsonable, write_json  # noqa: F401  (used by the commands)
+from eqkernels.store import to_jsonable  # noqa: F401  (re-exported: five commands use it)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from eqkernels.apps._common import atomic_dir, console, write_json
+from eqkernels.apps._common import atomic_dir, console
+from eqkernels.store import write_json
 
 
 def demo(

@@ -367,7 +367,7 @@ def make_test_slide(
     extra_str: List[Path] = typer.Option([], "--extra-str", help="Further stroma (STR) tiles for the two spare slots."),
 ):
     """Assemble a small pyramidal slide (0.5 µm/px) from the bundled real NCT-CRC-HE-100K tiles in a known layout."""
-    from eqkernels.apps._common import atomic_file
+    from eqkernels.store import atomic_file
     from eqkernels.pipelines.histology_map import assemble_test_slide
 
     if flavour not in ("tiff", "ome", "svs"):
