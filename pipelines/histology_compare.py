@@ -646,13 +646,13 @@ def plot(summary: dict, out_dir: Path) -> None:
                 title="distance to the kernel mean prediction")
     save_figure(fig, axes, out_dir / "members.png")
 
+    plot_width_study(summary["width_study"], out_dir / "width.png", xlabel="width (channels)",
+                     ylabel="‖f − μ_k‖/‖μ_k‖ (test)",
+                     title="centred CNNs approach the NTK mean prediction")
     if summary.get("sweep"):
         from eqkernels.pipelines.histology_rotations import plot_sweep
 
         plot_sweep(summary["sweep"], {k: v["label"] for k, v in summary["rows"].items()}, out_dir / "rotation_sweep.png")
-    plot_width_study(summary["width_study"], out_dir / "width.png", xlabel="width (channels)",
-                     ylabel="‖f − μ_k‖/‖μ_k‖ (test)",
-                     title="centred CNNs approach the NTK mean prediction")
 
 
 ADAPTER = HistologyComparison(headline_rows, markdown, plot)
