@@ -8,9 +8,13 @@ from __future__ import annotations
 import os
 import sys
 
-import typer
+# TensorFlow (pulled in by neural-tangents) is chatty on import; keep the command line quiet. Set here,
+# before any command module is imported, rather than on `import eqkernels` (a library sets no environment).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from eqkernels.errors import InputError
+import typer  # noqa: E402
+
+from eqkernels.errors import InputError  # noqa: E402
 
 app = typer.Typer(name="eqk", help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode="rich")

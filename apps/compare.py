@@ -33,8 +33,7 @@ MOLECULES_ONLY = ("rotations", "quadrature_degree")
 
 def _given_options() -> tuple[set, dict]:
     """(names of the options given on the command line, every option's value) of the running command."""
-    # typer ≥ 0.20 runs on its vendored click; a separately installed click (dask needs one) holds no context.
-    try:
+    try:  # typer ≥ 0.20 vendors click: its context, even where a separate click is installed (dask needs one)
         from typer._click.globals import get_current_context
     except ImportError:
         from click import get_current_context

@@ -39,8 +39,6 @@ number of members. It costs one more forward pass per prediction.
 """
 from __future__ import annotations
 
-import math
-import time as _time
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -50,14 +48,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqkernels import _ensemble_core as core
 from eqkernels import store
 from eqkernels.errors import ModelFileError
 from eqkernels.groups import RotationGroup, get_group, resolve_group
 from eqkernels.kernels.spec import ConvNetSpec
-from eqkernels.progress import Meter
 
 ENSEMBLE_KIND = "ensemble"
-ENSEMBLE_SCHEMA = 1  # bump when the meaning of stored fields changes
+ENSEMBLE_SCHEMA = core.ENSEMBLE_FILE_VERSION  # the version of stored ensemble fields, shared by both domains
+# Compiled functions kept per architecture (networks, outputs, steps): enough for a width study.
+CACHED_ARCHITECTURES = 32
 ARCHITECTURES = ("cnn", "gcnn")
 # Memory allowed for the activations of one training step (all members of a chunk together).
 TRAIN_MEMORY_BYTES = 2 << 30
@@ -95,13 +95,9 @@ class EnsembleSpec:
             if isinstance(group, RotationGroup) and group.exact.order != (8 if group.name[0] == "D" else 4):
                 raise ValueError(f"augmentation by {group.name} needs n divisible by 4 (C4/D4 inside it), "
                                  f"e.g. C8, C16, D8")
-        for name in ("n_outputs", "members"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if self.n_outputs < 1:
+            raise ValueError(f"n_outputs must be >= 1, got {self.n_outputs}")
+        core.check_schedule(self.members, self.steps, self.learning_rate)
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -162,7 +158,7 @@ def network(spec: EnsembleSpec):
     return _network(_architecture(spec))
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=CACHED_ARCHITECTURES)
 def _network(spec: EnsembleSpec):
     from eqkernels.layers.planar import cnn_stax, gcnn_stax
 
@@ -190,7 +186,7 @@ def _member_outputs_fn(spec: EnsembleSpec):
     return _outputs_fn(_architecture(spec))
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=CACHED_ARCHITECTURES)
 def _outputs_fn(spec: EnsembleSpec):
     _, apply_fn = network(spec)
 
@@ -206,7 +202,7 @@ def _outputs_fn(spec: EnsembleSpec):
 # ----------------------------------------------------------------------------------------- ensembles
 
 @dataclass
-class Ensemble:
+class Ensemble(core.MemberEnsemble):
     """Trained members: parameter pytree with a leading member axis on every leaf."""
 
     spec: EnsembleSpec
@@ -216,18 +212,6 @@ class Ensemble:
     loss_history: np.ndarray | None = None  # (steps, M): training loss before each step
     seconds: float = 0.0
     timing: dict = field(default_factory=dict)  # member_chunk, first_step_s (with compilation), step_s
-
-    @property
-    def members(self) -> int:
-        return int(jax.tree_util.tree_leaves(self.params)[0].shape[0])
-
-    def select(self, members) -> "Ensemble":
-        """The sub-ensemble of the given member indices."""
-        idx = np.asarray(members, dtype=int)
-        pick = lambda tree: None if tree is None else jax.tree_util.tree_map(lambda a: a[idx], tree)  # noqa: E731
-        history = None if self.loss_history is None else self.loss_history[:, idx]
-        return replace(self, spec=replace(self.spec, members=len(idx)), params=pick(self.params),
-                       initial_params=pick(self.initial_params), loss_history=history)
 
     def outputs(self, inputs, *, chunk: int | None = None) -> np.ndarray:
         """Every member's outputs (M, N, n_outputs) for inputs (N, H, W, C), in float64."""
@@ -257,70 +241,29 @@ class Ensemble:
     # ----------------------------------------------------------------------------------- files
     def to_arrays(self) -> tuple[dict, dict[str, np.ndarray]]:
         """(meta, arrays): every parameter leaf flattened under its tree path, nothing executable."""
-        meta = {"schema": ENSEMBLE_SCHEMA, "spec": self.spec.to_dict(), "input_shape": list(self.input_shape),
-                "members": self.members, "seconds": self.seconds, "parameters": []}
-        arrays = {}
-        trees = [("param", self.params)] + ([("initial", self.initial_params)] if self.initial_params is not None else [])
-        for prefix, tree in trees:
-            for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
-                name = f"{prefix}_{i:03d}"
-                arrays[name] = np.asarray(leaf)
-                meta["parameters"].append({"name": name, "tree": prefix, "path": jax.tree_util.keystr(path),
-                                           "shape": list(np.shape(leaf))})
-        if self.loss_history is not None:
-            arrays["loss_history"] = np.asarray(self.loss_history, dtype=np.float32)
+        entries, arrays = self.parameter_arrays()
+        meta = {"spec": self.spec.to_dict(), "input_shape": list(self.input_shape), "members": self.members,
+                "seconds": self.seconds, "parameters": entries}
         return meta, arrays
 
     def save(self, path: str | Path, meta: dict | None = None, arrays: dict[str, np.ndarray] | None = None) -> Path:
         """Write an HDF5 ensemble file; `meta`/`arrays` add task-specific fields (e.g. preprocessing)."""
-        own_meta, own_arrays = self.to_arrays()
-        clash = set(own_meta) & set(meta or {}) | set(own_arrays) & set(arrays or {})
-        if clash:
-            raise ValueError(f"extra fields {sorted(clash)} clash with the ensemble's own")
-        return store.save(path, ENSEMBLE_KIND, {**own_meta, **(meta or {})}, {**own_arrays, **(arrays or {})})
+        return core.save_with_extras(path, ENSEMBLE_KIND, *self.to_arrays(), meta, arrays)
 
     @classmethod
     def from_arrays(cls, meta: dict, arrays: dict[str, np.ndarray], path: str | Path = "") -> "Ensemble":
         """Rebuild from `to_arrays` output, checking every stored leaf against the architecture."""
-        if int(meta.get("schema", 0)) > ENSEMBLE_SCHEMA:
-            raise ModelFileError(f"ensemble schema {meta.get('schema')} is newer than this eqkernels understands "
-                                 f"({ENSEMBLE_SCHEMA}); upgrade eqkernels", path)
+        store.check_version(meta, ENSEMBLE_SCHEMA, path, label="ensemble")
         try:
             spec = EnsembleSpec.from_dict(meta["spec"])
             input_shape = tuple(int(v) for v in meta["input_shape"])
-            entries = list(meta["parameters"])
             init_fn, _ = network(spec)
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFileError(f"ensemble file lacks or garbles a field ({type(e).__name__}: {e})", path) from None
         template = jax.eval_shape(lambda k: init_fn(k, (1,) + input_shape)[1], jax.random.PRNGKey(0))
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-        trees = {}
-        for prefix in ("param", "initial"):
-            mine = [e for e in entries if e.get("tree") == prefix]
-            if not mine:
-                continue
-            if len(mine) != len(leaves):
-                raise ModelFileError(f"ensemble file has {len(mine)} {prefix} arrays, the architecture needs "
-                                     f"{len(leaves)}", path)
-            values = []
-            for entry, (tree_path, leaf) in zip(mine, leaves):
-                value = arrays.get(entry["name"])
-                if entry["path"] != jax.tree_util.keystr(tree_path) or value is None \
-                        or tuple(value.shape[1:]) != tuple(leaf.shape):
-                    raise ModelFileError(f"parameter {entry['name']} ({entry['path']}) does not fit the "
-                                         f"architecture (expected {jax.tree_util.keystr(tree_path)} {leaf.shape})",
-                                         path)
-                values.append(jnp.asarray(value))
-            trees[prefix] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), values)
-        if "param" not in trees:
-            raise ModelFileError("ensemble file holds no parameters", path)
-        if spec.centred != ("initial" in trees):
-            raise ModelFileError("centred ensemble without its initial parameters (or the reverse)", path)
-        sizes = {a.shape[0] for a in jax.tree_util.tree_leaves(trees)}
-        if len(sizes) != 1:
-            raise ModelFileError(f"parameter arrays disagree on the number of members ({sorted(sizes)})", path)
-        history = arrays.get("loss_history")
-        return cls(spec, input_shape, trees["param"], trees.get("initial"), history, float(meta.get("seconds", 0.0)))
+        trees = core.stored_trees(meta, arrays, template, spec.centred, path)
+        return cls(spec, input_shape, trees["param"], trees["initial"], arrays.get("loss_history"),
+                   float(meta.get("seconds", 0.0)))
 
     @classmethod
     def load(cls, path: str | Path) -> tuple["Ensemble", dict, dict[str, np.ndarray]]:
@@ -354,7 +297,7 @@ def _make_step(spec: EnsembleSpec, n_train: int, shared_targets: bool):
     return _step_fn(replace(spec, members=1, steps=0, seed=0), n_train, shared_targets)
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=CACHED_ARCHITECTURES)
 def _step_fn(spec: EnsembleSpec, n_train: int, shared_targets: bool):
     import optax
 
@@ -412,64 +355,31 @@ def train(spec: EnsembleSpec, inputs: np.ndarray, targets: np.ndarray, *, member
         matrices = jnp.asarray(group.matrices(x.shape[1]))
     elif spec.augment:
         x, y = augmented(x, y, spec.augment)
+    return _train_members(spec, x, y, matrices, member_chunk, progress, description)
+
+
+def _train_members(spec: EnsembleSpec, x: np.ndarray, y: np.ndarray, matrices, member_chunk: int | None,
+                   progress: bool | None, description: str | None) -> Ensemble:
+    """`train` on the checked (and, with full-orbit augmentation, expanded) training set x (N, S, S, C)."""
     n_train, input_shape = len(x), tuple(x.shape[1:])
     if spec.batch_size is not None and spec.batch_size > n_train:
         raise ValueError(f"batch_size {spec.batch_size} exceeds the {n_train} training inputs")
     init_fn, _ = network(spec)
-    chunk = member_chunk or default_member_chunk(spec, input_shape, n_train)
-    root = jax.random.PRNGKey(spec.seed)
-    init_keys = jax.vmap(lambda m: jax.random.fold_in(root, m))(jnp.arange(spec.members))
-    data_root = jax.random.fold_in(root, 1 << 30)
     optimizer, step = _make_step(spec, n_train, shared_targets=not spec.centred)
-    init_members = jax.jit(jax.vmap(lambda k: init_fn(k, (1,) + input_shape)[1]))
-    x_dev = jnp.asarray(x)
+    x_dev, y_base = jnp.asarray(x), jnp.asarray(y)
 
-    started = _time.perf_counter()
-    params_parts, initial_parts, histories = [], [], []
-    timing = {"member_chunk": chunk, "first_step_s": None, "step_s": None}
-    later_steps, later_seconds = 0, 0.0
-    with Meter(spec.members * spec.steps, description or f"training {spec.label} ensemble", unit="member-steps",
-               enabled=progress) as meter:
-        for first in range(0, spec.members, chunk):
-            ids = np.arange(first, min(first + chunk, spec.members))
-            pad = chunk - len(ids)  # pad the last chunk with repeats: one compiled shape for all chunks
-            ids_padded = np.concatenate([ids, np.full(pad, ids[-1])])
-            params = init_members(init_keys[ids_padded])
-            opt_state = jax.vmap(optimizer.init)(params)
-            if spec.centred:
-                initial = params
-                # f(x; θ) − f(x; θ₀) → y  ⇔  f(x; θ) → y + f(x; θ₀): shift each member's targets once.
-                y_dev = jnp.asarray(y)[None] + _member_outputs_fn(spec)(params, None, x_dev)
-            else:
-                initial, y_dev = None, jnp.asarray(y)
-            member_keys = jax.vmap(lambda m: jax.random.fold_in(data_root, m))(jnp.asarray(ids_padded))
-            losses = []
-            jax.block_until_ready(params)
-            tick = _time.perf_counter()
-            for k in range(spec.steps):
-                params, opt_state, loss = step(params, opt_state, member_keys, jnp.int32(k), x_dev, y_dev, matrices)
-                losses.append(loss)
-                if k == 0 and first == 0:  # the first step compiles; time the others on their own
-                    jax.block_until_ready(loss)
-                    timing["first_step_s"] = _time.perf_counter() - tick
-                    tick = _time.perf_counter()
-                if k % 10 == 9 or k == spec.steps - 1:
-                    jax.block_until_ready(loss)
-                    meter.advance(len(ids) * (10 if k % 10 == 9 else k % 10 + 1))
-            jax.block_until_ready(params)
-            timed = spec.steps - (1 if first == 0 else 0)
-            if timed > 0:
-                later_steps, later_seconds = later_steps + timed, later_seconds + _time.perf_counter() - tick
-            keep = slice(0, len(ids))
-            params_parts.append(jax.tree_util.tree_map(lambda a: a[keep], params))
-            if initial is not None:
-                initial_parts.append(jax.tree_util.tree_map(lambda a: a[keep], initial))
-            histories.append(np.asarray(jnp.stack(losses))[:, keep] if losses else np.zeros((0, len(ids))))
-    join = lambda parts: jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)  # noqa: E731
-    if later_steps:
-        timing["step_s"] = later_seconds / later_steps  # one compiled step of `member_chunk` members
-    return Ensemble(spec, input_shape, join(params_parts), join(initial_parts) if initial_parts else None,
-                    np.concatenate(histories, axis=1), _time.perf_counter() - started, timing)
+    def chunk_step(initial):
+        # f(x; θ) − f(x; θ₀) → y  ⇔  f(x; θ) → y + f(x; θ₀): shift each centred member's targets once.
+        y_dev = y_base[None] + _member_outputs_fn(spec)(initial, None, x_dev) if spec.centred else y_base
+        return lambda params, opt_state, keys, k: step(params, opt_state, keys, k, x_dev, y_dev, matrices)
+
+    run = core.train_members(spec.members, spec.steps, spec.seed,
+                             member_chunk or default_member_chunk(spec, input_shape, n_train),
+                             jax.jit(jax.vmap(lambda k: init_fn(k, (1,) + input_shape)[1])), optimizer, chunk_step,
+                             centred=spec.centred, description=description or f"training {spec.label} ensemble",
+                             progress=progress)
+    return Ensemble(spec, input_shape, run["params"], run["initial"], run["loss_history"], run["seconds"],
+                    run["timing"])
 
 
 def size_curve(member_outputs: np.ndarray, sizes, measure, *, max_subsets: int = 10) -> dict:

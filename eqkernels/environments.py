@@ -23,23 +23,27 @@ to translations and to the order of atoms, and rotate as D(R) x when the molecul
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import ClassVar
 
 import e3nn_jax as e3nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqkernels._specs import VersionedSpec
 from eqkernels.so3 import n_coefficients
 
 SPEC_VERSION = 1
 
 
 @dataclass(frozen=True)
-class EnvironmentSpec:
-    """How atom environments become sphere signals; see the module docstring."""
+class EnvironmentSpec(VersionedSpec):
+    """How atom environments become sphere signals; see the module docstring (lists from JSON become tuples)."""
+
+    spec_version: ClassVar[int] = SPEC_VERSION
+    spec_what: ClassVar[str] = "environment"
 
     elements: tuple[int, ...] = (1, 6, 7, 8, 9)
     l_max: int = 3
@@ -82,26 +86,6 @@ class EnvironmentSpec:
         return np.array([2 * np.pi * np.sum(w * g * np.polynomial.legendre.Legendre.basis(l)(t))
                          for l in range(self.l_max + 1)])
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["elements"], d["powers"] = list(self.elements), list(self.powers)
-        return {"spec_version": SPEC_VERSION, **d}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EnvironmentSpec":
-        d = dict(d)
-        version = d.pop("spec_version", None)
-        if version != SPEC_VERSION:
-            raise ValueError(f"environment spec version {version} is not the supported version {SPEC_VERSION}")
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown environment options {sorted(unknown)}")
-        d["elements"] = tuple(d["elements"])
-        d["powers"] = tuple(d["powers"])
-        return cls(**d)
 
 
 def _cutoff_function(r: np.ndarray, cutoff: float) -> np.ndarray:

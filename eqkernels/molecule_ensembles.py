@@ -8,7 +8,10 @@ parametrisation: every parameter is N(0, 1) and each layer computes
     h¹ = σ_w/√d · W⁰ x + σ_b · b⁰,   h^{l+1} = σ_w/√n · W^l φ(h^l) + σ_b · b^l,   f = σ_o/√n · w·φ(h^depth) + σ_ob · b,
 
 with n = `width` hidden units, so as n → ∞ its NTK is the analytic `mlp` per-atom kernel and the NTK
-of F is the all-pairs molecule kernel of `eqkernels.molecule_kernel` (checked in the tests).
+of F is the all-pairs molecule kernel of `eqkernels.molecule_kernel` (checked in the tests). f is
+built as a neural-tangents stax triple (`network`), so nt's `kernel_fn` of the very network that is
+trained is the oracle of the analytic kernel; the spec holds the layers as an `AtomKernelSpec`
+(`AtomMLPEnsembleSpec.net`), and the training loop and files are those of `eqkernels._ensemble_core`.
 
 Training: full-batch gradient descent (optax.sgd) on ½ Σ_A (F(A) − y_A)², all members at once (one
 jit-compiled step vmapped over a chunk of members); after k steps at learning rate η the mean of an
@@ -29,8 +32,7 @@ ensemble mean approaches μ_k as the width grows whatever the number of members.
 from __future__ import annotations
 
 import math
-import time as _time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -39,26 +41,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqkernels import _ensemble_core as core
 from eqkernels import store
 from eqkernels.errors import ModelFileError
-from eqkernels.progress import Meter
-from eqkernels.so3 import ACTIVATIONS, AtomKernelSpec, wigner_d
+from eqkernels.so3 import DEFAULT_QUADRATURE_DEGREE, AtomKernelSpec, wigner_blocks, wigner_d
 
 MOLECULE_ENSEMBLE_KIND = "molecule-ensemble"
-MOLECULE_ENSEMBLE_SCHEMA = 1
+MOLECULE_ENSEMBLE_SCHEMA = core.ENSEMBLE_FILE_VERSION
+CACHED_ARCHITECTURES = 32  # compiled networks, outputs and steps kept per (architecture, data size)
+# The network fields of an `mlp` AtomKernelSpec, stored flat in ensemble files written before specs nested.
+_LEGACY_NET_FIELDS = ("depth", "activation", "weight_std", "bias_std", "readout_weight_std", "readout_bias_std")
+
+
+def _mlp_net(kernel_spec: AtomKernelSpec) -> AtomKernelSpec:
+    """The `mlp` spec of the same layers (the quadrature fields, meaningless for a network, at defaults)."""
+    return replace(kernel_spec, name="mlp", quadrature_degree=DEFAULT_QUADRATURE_DEGREE, filter_band_limit=None)
 
 
 @dataclass(frozen=True)
 class AtomMLPEnsembleSpec:
-    """Per-atom MLP (the `mlp` kernel's architecture at finite `width`) and how its members are trained."""
+    """Per-atom MLP (the layers of `net`, an `mlp` kernel spec, at finite `width`) and how its members are trained."""
 
+    net: AtomKernelSpec = field(default_factory=lambda: AtomKernelSpec("mlp"))
     width: int = 64
-    depth: int = 1                      # hidden layers, as AtomKernelSpec.depth
-    activation: str = "relu"
-    weight_std: float = math.sqrt(2.0)
-    bias_std: float = 0.1
-    readout_weight_std: float = 1.0
-    readout_bias_std: float = 0.0
     members: int = 10
     steps: int = 100
     learning_rate: float = 0.01
@@ -67,44 +72,43 @@ class AtomMLPEnsembleSpec:
     seed: int = 0
 
     def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-        for name in ("width", "depth", "members"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if self.net.name != "mlp":
+            raise ValueError(f"the network of a per-atom MLP ensemble is an `mlp` spec, got {self.net.name!r} "
+                             "(AtomMLPEnsembleSpec.twin_of makes one from an mlp-so3avg spec)")
+        if self.width < 1:
+            raise ValueError(f"width must be >= 1, got {self.width}")
+        core.check_schedule(self.members, self.steps, self.learning_rate)
 
     @classmethod
     def twin_of(cls, kernel_spec: AtomKernelSpec, **kwargs) -> "AtomMLPEnsembleSpec":
         """The finite network of an `mlp` (or `mlp-so3avg`: same network) kernel spec."""
         if kernel_spec.name == "so3gcnn":
             raise ValueError("the finite twin of so3gcnn is not a per-atom MLP")
-        return cls(depth=kernel_spec.depth, activation=kernel_spec.activation, weight_std=kernel_spec.weight_std,
-                   bias_std=kernel_spec.bias_std, readout_weight_std=kernel_spec.readout_weight_std,
-                   readout_bias_std=kernel_spec.readout_bias_std, **kwargs)
+        return cls(net=_mlp_net(kernel_spec), **kwargs)
 
     def kernel_spec(self, name: str = "mlp", **kwargs) -> AtomKernelSpec:
         """The infinite-width kernel of this network (`mlp`), or its SO(3) average (`mlp-so3avg`)."""
-        return AtomKernelSpec(name, activation=self.activation, depth=self.depth, weight_std=self.weight_std,
-                              bias_std=self.bias_std, readout_weight_std=self.readout_weight_std,
-                              readout_bias_std=self.readout_bias_std, **kwargs)
+        return replace(self.net, name=name, **kwargs)
 
     @property
     def label(self) -> str:
         return "mlp" + (" +SO(3) aug" if self.augment else "") + (" centred" if self.centred else "")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "net"}, "net": self.net.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AtomMLPEnsembleSpec":
+        """From `to_dict`, or from the flat layout of older files (the network fields beside `width`)."""
+        d = dict(d)
+        if "net" in d:
+            net = AtomKernelSpec.from_dict(d.pop("net"))
+        else:
+            net = AtomKernelSpec("mlp", **{k: d.pop(k) for k in _LEGACY_NET_FIELDS if k in d})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown ensemble options {sorted(unknown)}")
-        return cls(**d)
+        return cls(net=net, **d)
 
 
 def _architecture(spec: AtomMLPEnsembleSpec) -> AtomMLPEnsembleSpec:
@@ -114,53 +118,55 @@ def _architecture(spec: AtomMLPEnsembleSpec) -> AtomMLPEnsembleSpec:
 
 # ------------------------------------------------------------------------------------------- network
 
-def init_member(spec: AtomMLPEnsembleSpec, key, n_features: int) -> dict:
-    """N(0, 1) parameters of one member for inputs of `n_features` = C·(L+1) numbers per atom."""
-    keys = jax.random.split(key, 2 * spec.depth + 2)
-    params = {"w0": jax.random.normal(keys[0], (n_features, spec.width)),
-              "b0": jax.random.normal(keys[1], (spec.width,))}
-    for layer in range(1, spec.depth):
-        params[f"w{layer}"] = jax.random.normal(keys[2 * layer], (spec.width, spec.width))
-        params[f"b{layer}"] = jax.random.normal(keys[2 * layer + 1], (spec.width,))
-    params["w_out"] = jax.random.normal(keys[-2], (spec.width,))
-    params["b_out"] = jax.random.normal(keys[-1], ())
-    return params
+def network(spec: AtomMLPEnsembleSpec):
+    """nt.stax (init_fn, apply_fn, kernel_fn) of the per-atom MLP on flattened atom signals (A, C·M) → (A, 1).
+
+    Dense(width), φ, (Dense(width), φ)×(depth−1), Dense(1), NTK parametrisation: its `kernel_fn` is the
+    analytic `mlp` per-atom kernel of `eqkernels.so3` (checked in the tests).
+    """
+    return _network(spec.net, spec.width)
 
 
-def _phi(spec: AtomMLPEnsembleSpec):
-    return jax.nn.relu if spec.activation == "relu" else jax.scipy.special.erf
+@lru_cache(maxsize=CACHED_ARCHITECTURES)
+def _network(net: AtomKernelSpec, width: int):
+    from neural_tangents import stax
+
+    phi = stax.Relu if net.activation == "relu" else stax.Erf
+    layers = []
+    for _ in range(net.depth):
+        layers += [stax.Dense(width, W_std=net.weight_std, b_std=net.bias_std, parameterization="ntk"), phi()]
+    layers.append(stax.Dense(1, W_std=net.readout_weight_std, b_std=net.readout_bias_std, parameterization="ntk"))
+    return stax.serial(*layers)
 
 
-def atom_outputs(spec: AtomMLPEnsembleSpec, params: dict, x) -> jnp.ndarray:
-    """f(x_i) of every atom, (A,), for atom signals x (A, C, M) (NTK parametrisation)."""
-    phi = _phi(spec)
-    flat = x.reshape(x.shape[0], -1)
-    h = spec.weight_std / math.sqrt(flat.shape[1]) * flat @ params["w0"] + spec.bias_std * params["b0"]
-    for layer in range(1, spec.depth):
-        h = (spec.weight_std / math.sqrt(spec.width) * phi(h) @ params[f"w{layer}"]
-             + spec.bias_std * params[f"b{layer}"])
-    return (spec.readout_weight_std / math.sqrt(spec.width) * phi(h) @ params["w_out"]
-            + spec.readout_bias_std * params["b_out"])
+def init_member(spec: AtomMLPEnsembleSpec, key, n_features: int) -> list:
+    """N(0, 1) parameters of one member (the stax layout of `network`) for `n_features` = C·(L+1)² numbers.
+
+    Drawn with the key schedule of eqkernels 0.1 (split into 2·depth + 2 keys, weights and biases in
+    order) rather than stax's own init_fn, so that seeded ensembles and their figures are unchanged;
+    the tree's shapes are those of the stax init_fn (checked when files load).
+    """
+    keys = jax.random.split(key, 2 * spec.net.depth + 2)
+    sizes = [n_features] + [spec.width] * spec.net.depth + [1]
+    params = []
+    for layer in range(spec.net.depth + 1):
+        weight = jax.random.normal(keys[2 * layer], (sizes[layer], sizes[layer + 1]))
+        bias = jax.random.normal(keys[2 * layer + 1], (sizes[layer + 1],))
+        params += [(weight, bias[None]), ()]
+    return params[:-1]  # no activation after the readout
 
 
-def molecule_outputs(spec: AtomMLPEnsembleSpec, params: dict, x, mol, n_molecules: int) -> jnp.ndarray:
+def atom_outputs(spec: AtomMLPEnsembleSpec, params: list, x) -> jnp.ndarray:
+    """f(x_i) of every atom, (A,), for atom signals x (A, C, M) (the stax network's apply_fn)."""
+    return network(spec)[1](params, x.reshape(x.shape[0], -1))[:, 0]
+
+
+def molecule_outputs(spec: AtomMLPEnsembleSpec, params: list, x, mol, n_molecules: int) -> jnp.ndarray:
     """F(A) = Σ_{i∈A} f(x_i), (N,), for flat atoms x (A, C, M) with molecule index mol (A,).
 
     Atoms with index −1 (padding) count zero."""
     per_atom = atom_outputs(spec, params, x)
     return jax.ops.segment_sum(jnp.where(mol >= 0, per_atom, 0.0), jnp.maximum(mol, 0), num_segments=n_molecules)
-
-
-def wigner_blocks(l_max: int, rotations) -> jnp.ndarray:
-    """Block-diagonal Wigner matrices (N, (L+1)², (L+1)²) of rotations (N, 3, 3), in JAX (jit-able)."""
-    import e3nn_jax as e3nn
-
-    n, m = rotations.shape[0], (l_max + 1) ** 2
-    out = jnp.zeros((n, m, m), rotations.dtype)
-    for l in range(l_max + 1):
-        block = e3nn.Irrep(l, (-1) ** l).D_from_matrix(rotations)
-        out = out.at[:, l * l:(l + 1) ** 2, l * l:(l + 1) ** 2].set(block)
-    return out
 
 
 def rotate_atoms(x, mol, wigner) -> jnp.ndarray:
@@ -185,8 +191,8 @@ def rotate_molecules(x: np.ndarray, mol: np.ndarray, rotations: np.ndarray) -> n
 # ------------------------------------------------------------------------------------------ ensembles
 
 @dataclass
-class MoleculeEnsemble:
-    """Trained members: parameter dict whose leaves carry a leading member axis."""
+class MoleculeEnsemble(core.MemberEnsemble):
+    """Trained members: the stax parameter tree of `network` with a leading member axis on every leaf."""
 
     spec: AtomMLPEnsembleSpec
     atom_shape: tuple[int, int]          # (C, M) of one atom signal
@@ -196,18 +202,6 @@ class MoleculeEnsemble:
     seconds: float = 0.0
     timing: dict = field(default_factory=dict)
 
-    @property
-    def members(self) -> int:
-        return int(self.params["w0"].shape[0])
-
-    def select(self, members) -> "MoleculeEnsemble":
-        """The sub-ensemble of the given member indices."""
-        idx = np.asarray(members, dtype=int)
-        pick = lambda tree: None if tree is None else jax.tree_util.tree_map(lambda a: a[idx], tree)  # noqa: E731
-        history = None if self.loss_history is None else self.loss_history[:, idx]
-        return replace(self, spec=replace(self.spec, members=len(idx)), params=pick(self.params),
-                       initial_params=pick(self.initial_params), loss_history=history)
-
     def outputs(self, x: np.ndarray, mol: np.ndarray, n_molecules: int, *, member_chunk: int = 16) -> np.ndarray:
         """Every member's molecule outputs (M, N), float64, for flat atoms x (A, C, M) sorted by molecule."""
         x = np.asarray(x, np.float32)
@@ -216,11 +210,9 @@ class MoleculeEnsemble:
         fn = _outputs_fn(_architecture(self.spec), int(n_molecules))
         out = []
         for first in range(0, self.members, member_chunk):
-            sl = slice(first, first + member_chunk)
-            params = jax.tree_util.tree_map(lambda a: a[sl], self.params)
-            initial = None if self.initial_params is None else jax.tree_util.tree_map(lambda a: a[sl],
-                                                                                     self.initial_params)
-            out.append(np.asarray(fn(params, initial, jnp.asarray(x), jnp.asarray(mol, jnp.int32)), np.float64))
+            part = self.select(np.arange(first, min(first + member_chunk, self.members)))
+            out.append(np.asarray(fn(part.params, part.initial_params, jnp.asarray(x), jnp.asarray(mol, jnp.int32)),
+                                  np.float64))
         return np.concatenate(out) if out else np.zeros((0, n_molecules))
 
     def mean(self, x, mol, n_molecules) -> np.ndarray:
@@ -228,55 +220,50 @@ class MoleculeEnsemble:
 
     # ------------------------------------------------------------------------------------ files
     def save(self, path: str | Path, meta: dict | None = None, arrays: dict[str, np.ndarray] | None = None) -> Path:
-        """HDF5 file (eqkernels.store): parameters by name, spec as JSON; `meta`/`arrays` add task fields."""
-        own_meta = {"schema": MOLECULE_ENSEMBLE_SCHEMA, "spec": self.spec.to_dict(),
-                    "atom_shape": list(self.atom_shape), "members": self.members, "seconds": self.seconds}
-        own_arrays = {f"param_{k}": np.asarray(v) for k, v in self.params.items()}
-        if self.initial_params is not None:
-            own_arrays.update({f"initial_{k}": np.asarray(v) for k, v in self.initial_params.items()})
-        if self.loss_history is not None:
-            own_arrays["loss_history"] = np.asarray(self.loss_history, np.float32)
-        clash = set(own_meta) & set(meta or {}) | set(own_arrays) & set(arrays or {})
-        if clash:
-            raise ValueError(f"extra fields {sorted(clash)} clash with the ensemble's own")
-        return store.save(path, MOLECULE_ENSEMBLE_KIND, {**own_meta, **(meta or {})}, {**own_arrays, **(arrays or {})})
+        """HDF5 file (eqkernels.store): parameter leaves by tree path, spec as JSON; `meta`/`arrays` add task fields."""
+        entries, own_arrays = self.parameter_arrays()
+        own_meta = {"spec": self.spec.to_dict(), "atom_shape": list(self.atom_shape), "members": self.members,
+                    "seconds": self.seconds, "parameters": entries}
+        return core.save_with_extras(path, MOLECULE_ENSEMBLE_KIND, own_meta, own_arrays, meta, arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> tuple["MoleculeEnsemble", dict, dict[str, np.ndarray]]:
         """(ensemble, meta, arrays); every stored parameter is checked against the architecture."""
         meta, arrays = store.load(path, MOLECULE_ENSEMBLE_KIND)
-        if int(meta.get("schema", 0)) > MOLECULE_ENSEMBLE_SCHEMA:
-            raise ModelFileError(f"molecule ensemble schema {meta.get('schema')} is newer than this eqkernels "
-                                 f"understands ({MOLECULE_ENSEMBLE_SCHEMA}); upgrade eqkernels", path)
+        store.check_version(meta, MOLECULE_ENSEMBLE_SCHEMA, path, label="molecule ensemble")
         try:
             spec = AtomMLPEnsembleSpec.from_dict(meta["spec"])
             atom_shape = tuple(int(v) for v in meta["atom_shape"])
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFileError(f"ensemble file lacks or garbles a field ({type(e).__name__}: {e})", path) from None
-        template = jax.eval_shape(lambda k: init_member(spec, k, atom_shape[0] * atom_shape[1]), jax.random.PRNGKey(0))
-        trees = {}
-        for prefix in ("param", "initial"):
-            if not any(name.startswith(prefix + "_") for name in arrays):
-                continue
-            tree = {}
-            for name, leaf in template.items():
-                value = arrays.get(f"{prefix}_{name}")
-                if value is None or tuple(value.shape[1:]) != tuple(leaf.shape):
-                    raise ModelFileError(f"parameter {prefix}_{name} is missing or does not fit the architecture "
-                                         f"(expected {tuple(leaf.shape)} per member)", path)
-                tree[name] = jnp.asarray(value)
-            trees[prefix] = tree
-        if "param" not in trees:
-            raise ModelFileError("ensemble file holds no parameters", path)
-        if spec.centred != ("initial" in trees):
-            raise ModelFileError("centred ensemble without its initial parameters (or the reverse)", path)
-        if len({a.shape[0] for a in jax.tree_util.tree_leaves(trees)}) != 1:
-            raise ModelFileError("parameter arrays disagree on the number of members", path)
-        return (cls(spec, atom_shape, trees["param"], trees.get("initial"), arrays.get("loss_history"),
+        template = jax.eval_shape(lambda k: network(spec)[0](k, (-1, atom_shape[0] * atom_shape[1]))[1],
+                                  jax.random.PRNGKey(0))
+        stored = meta if "parameters" in meta else _legacy_layout(meta, arrays, template)
+        trees = core.stored_trees(stored, arrays, template, spec.centred, path)
+        return (cls(spec, atom_shape, trees["param"], trees["initial"], arrays.get("loss_history"),
                     float(meta.get("seconds", 0.0))), meta, arrays)
 
 
-@lru_cache(maxsize=None)
+def _legacy_layout(meta: dict, arrays: dict, template) -> dict:
+    """meta["parameters"] for a file of eqkernels 0.1, whose leaves were named w0, b0, …, w_out, b_out
+    (in the stax tree's order, with the readout's and biases' unit axes dropped): those arrays are
+    reshaped in place to the template's shapes where their sizes agree (else the check refuses them)."""
+    leaves = jax.tree_util.tree_flatten_with_path(template)[0]
+    n_hidden = (len(leaves) - 2) // 2
+    names = [f"{kind}{layer}" for layer in range(n_hidden) for kind in "wb"] + ["w_out", "b_out"]
+    entries = []
+    for prefix in core.TREES:
+        for (path, leaf), name in zip(leaves, names):
+            value = arrays.get(f"{prefix}_{name}")
+            if value is None:
+                continue
+            if value.size == value.shape[0] * math.prod(leaf.shape):
+                arrays[f"{prefix}_{name}"] = value.reshape((value.shape[0],) + tuple(leaf.shape))
+            entries.append({"name": f"{prefix}_{name}", "tree": prefix, "path": jax.tree_util.keystr(path)})
+    return {**meta, "parameters": entries}
+
+
+@lru_cache(maxsize=CACHED_ARCHITECTURES)
 def _outputs_fn(arch: AtomMLPEnsembleSpec, n_molecules: int):
     def member(p, p0, x, mol):
         out = molecule_outputs(arch, p, x, mol, n_molecules)
@@ -287,7 +274,7 @@ def _outputs_fn(arch: AtomMLPEnsembleSpec, n_molecules: int):
     return jax.jit(jax.vmap(member, in_axes=(0, 0, None, None)))
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=CACHED_ARCHITECTURES)
 def _step_fn(arch: AtomMLPEnsembleSpec, n_molecules: int, l_max: int):
     """(optimizer, jit step vmapped over members) for one architecture and training-set size."""
     import e3nn_jax as e3nn
@@ -313,6 +300,15 @@ def _step_fn(arch: AtomMLPEnsembleSpec, n_molecules: int, l_max: int):
     return optimizer, jax.jit(step)
 
 
+def _check_training_set(x: np.ndarray, mol: np.ndarray, n_molecules: int, y: np.ndarray) -> None:
+    if x.ndim != 3 or len(mol) != len(x):
+        raise ValueError(f"atoms must be (A, C, M) with one molecule index each, got {x.shape} and {mol.shape}")
+    if y.shape != (n_molecules,):
+        raise ValueError(f"targets must have shape ({n_molecules},), got {y.shape}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("atom signals or targets have NaN or infinite values")
+
+
 def train(spec: AtomMLPEnsembleSpec, x: np.ndarray, mol: np.ndarray, n_molecules: int, y: np.ndarray, *,
           member_chunk: int = 10, progress: bool | None = True, description: str | None = None) -> MoleculeEnsemble:
     """Train `spec.members` per-atom MLPs on flat atoms x (A, C, M) of molecules mol (A,) and targets y (N,).
@@ -323,65 +319,25 @@ def train(spec: AtomMLPEnsembleSpec, x: np.ndarray, mol: np.ndarray, n_molecules
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.float32).reshape(-1)
     mol = np.asarray(mol, np.int32)
-    if x.ndim != 3 or len(mol) != len(x):
-        raise ValueError(f"atoms must be (A, C, M) with one molecule index each, got {x.shape} and {mol.shape}")
-    if y.shape != (n_molecules,):
-        raise ValueError(f"targets must have shape ({n_molecules},), got {y.shape}")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ValueError("atom signals or targets have NaN or infinite values")
+    _check_training_set(x, mol, n_molecules, y)
     l_max = int(round(math.sqrt(x.shape[-1]))) - 1
     n_features = x.shape[1] * x.shape[2]
     optimizer, step = _step_fn(_architecture(spec), int(n_molecules), l_max)
-    root = jax.random.PRNGKey(spec.seed)
-    data_root = jax.random.fold_in(root, 1 << 30)
-    init = jax.jit(jax.vmap(lambda k: init_member(spec, k, n_features)))
     x_dev, mol_dev, y_dev = jnp.asarray(x), jnp.asarray(mol), jnp.asarray(y)
-    chunk = max(1, min(member_chunk, spec.members))
 
-    started = _time.perf_counter()
-    params_parts, initial_parts, histories = [], [], []
-    timing = {"member_chunk": chunk, "first_step_s": None, "step_s": None}
-    later_steps, later_seconds = 0, 0.0
-    with Meter(spec.members * spec.steps, description or f"training {spec.label} ensemble", unit="member-steps",
-               enabled=progress) as meter:
-        for first in range(0, spec.members, chunk):
-            ids = np.arange(first, min(first + chunk, spec.members))
-            ids_padded = np.concatenate([ids, np.full(chunk - len(ids), ids[-1])])  # one compiled shape
-            params = init(jax.vmap(lambda m: jax.random.fold_in(root, m))(jnp.asarray(ids_padded)))
-            initial = params if spec.centred else None
-            opt_state = jax.vmap(optimizer.init)(params)
-            keys = jax.vmap(lambda m: jax.random.fold_in(data_root, m))(jnp.asarray(ids_padded))
-            losses = []
-            jax.block_until_ready(params)
-            tick = _time.perf_counter()
-            for k in range(spec.steps):
-                params, opt_state, loss = step(params, opt_state, initial, keys, jnp.int32(k), x_dev, mol_dev, y_dev)
-                losses.append(loss)
-                if k == 0 and first == 0:  # the first step compiles: time the others on their own
-                    jax.block_until_ready(loss)
-                    timing["first_step_s"] = _time.perf_counter() - tick
-                    tick = _time.perf_counter()
-                if k % 10 == 9 or k == spec.steps - 1:
-                    jax.block_until_ready(loss)
-                    meter.advance(len(ids) * (10 if k % 10 == 9 else k % 10 + 1))
-            jax.block_until_ready(params)
-            timed = spec.steps - (1 if first == 0 else 0)
-            if timed > 0:
-                later_steps, later_seconds = later_steps + timed, later_seconds + _time.perf_counter() - tick
-            keep = slice(0, len(ids))
-            params_parts.append(jax.tree_util.tree_map(lambda a: a[keep], params))
-            if initial is not None:
-                initial_parts.append(jax.tree_util.tree_map(lambda a: a[keep], initial))
-            histories.append(np.asarray(jnp.stack(losses))[:, keep] if losses else np.zeros((0, len(ids))))
-    join = lambda parts: jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)  # noqa: E731
-    if later_steps:
-        timing["step_s"] = later_seconds / later_steps
-    return MoleculeEnsemble(spec, (x.shape[1], x.shape[2]), join(params_parts),
-                            join(initial_parts) if initial_parts else None, np.concatenate(histories, axis=1),
-                            _time.perf_counter() - started, timing)
+    def chunk_step(initial):
+        frozen = initial if spec.centred else None
+        return lambda params, opt_state, keys, k: step(params, opt_state, frozen, keys, k, x_dev, mol_dev, y_dev)
+
+    run = core.train_members(spec.members, spec.steps, spec.seed, member_chunk,
+                             jax.jit(jax.vmap(lambda k: init_member(spec, k, n_features))), optimizer, chunk_step,
+                             centred=spec.centred, description=description or f"training {spec.label} ensemble",
+                             progress=progress)
+    return MoleculeEnsemble(spec, (x.shape[1], x.shape[2]), run["params"], run["initial"], run["loss_history"],
+                            run["seconds"], run["timing"])
 
 
-def empirical_ntk(spec: AtomMLPEnsembleSpec, params: dict, x, mol, n_molecules: int) -> np.ndarray:
+def empirical_ntk(spec: AtomMLPEnsembleSpec, params: list, x, mol, n_molecules: int) -> np.ndarray:
     """Θ(A, B) = Σ_θ ∂F(A)/∂θ ∂F(B)/∂θ of one member, (N, N), for the molecules of x (A, C, M)."""
     jac = jax.jacrev(lambda p: molecule_outputs(spec, p, jnp.asarray(x), jnp.asarray(mol), n_molecules))(params)
     flat = jnp.concatenate([j.reshape(n_molecules, -1) for j in jax.tree_util.tree_leaves(jac)], axis=1)

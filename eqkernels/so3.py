@@ -35,9 +35,9 @@ Gauss–Legendre in cos β. With `degree` = B it integrates every Wigner-D entry
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import ClassVar
 from functools import cached_property, lru_cache
 
 import e3nn_jax as e3nn
@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqkernels.kernels.activations import relu_moments
+from eqkernels._specs import VersionedSpec
+from eqkernels.kernels.activations import relu_moments, relu_variance
 
 KERNEL_NAMES = ("mlp", "mlp-so3avg", "so3gcnn")
 ACTIVATIONS = ("relu", "erf")
@@ -65,18 +66,33 @@ def n_fourier(l_max: int) -> int:
     return sum((2 * l + 1) ** 2 for l in range(l_max + 1))
 
 
+def _irrep_blocks(l_max: int, alpha, beta, gamma) -> list:
+    """Wigner matrices D^l (..., 2l+1, 2l+1), l = 0..L, of Euler angles (...,) in e3nn's basis (jit-able)."""
+    # per irrep: e3nn's Irreps.D_from_angles builds the block diagonal for unbatched angles only
+    return [e3nn.Irrep(l, (-1) ** l).D_from_angles(alpha, beta, gamma) for l in range(l_max + 1)]
+
+
+def _block_diagonal(blocks: list) -> jnp.ndarray:
+    """(..., Σ n_l, Σ n_l) with the square blocks (..., n_l, n_l) on the diagonal (jit-able)."""
+    m = sum(b.shape[-1] for b in blocks)
+    out = jnp.zeros(blocks[0].shape[:-2] + (m, m), blocks[0].dtype)
+    start = 0
+    for b in blocks:
+        out = out.at[..., start:start + b.shape[-1], start:start + b.shape[-1]].set(b)
+        start += b.shape[-1]
+    return out
+
+
 def wigner_d(l_max: int, rotations: np.ndarray) -> np.ndarray:
     """Block-diagonal Wigner matrices (..., (L+1)², (L+1)²) of rotation matrices (..., 3, 3), float64."""
-    rotations = np.asarray(rotations, dtype=np.float64)
-    m = n_coefficients(l_max)
-    out = np.zeros(rotations.shape[:-2] + (m, m))
     with jax.experimental.enable_x64():
-        alpha, beta, gamma = e3nn.matrix_to_angles(jnp.asarray(rotations))
-        for l in range(l_max + 1):
-            # per irrep: e3nn's Irreps.D_from_angles builds the block diagonal for unbatched angles only
-            block = np.asarray(e3nn.Irrep(l, (-1) ** l).D_from_angles(alpha, beta, gamma))
-            out[..., l * l:(l + 1) ** 2, l * l:(l + 1) ** 2] = block
-    return out
+        angles = e3nn.matrix_to_angles(jnp.asarray(rotations, dtype=jnp.float64))
+        return np.asarray(_block_diagonal(_irrep_blocks(l_max, *angles)))
+
+
+def wigner_blocks(l_max: int, rotations) -> jnp.ndarray:
+    """`wigner_d` in JAX at the rotations' precision (jit-able): (N, (L+1)², (L+1)²) of rotations (N, 3, 3)."""
+    return _block_diagonal(_irrep_blocks(l_max, *e3nn.matrix_to_angles(rotations)))
 
 
 def random_rotations(n: int, seed: int = 0) -> np.ndarray:
@@ -148,10 +164,8 @@ class SO3Quadrature:
 def _wigner_flat(degree: int, l_max: int) -> np.ndarray:
     quad = SO3Quadrature(degree)
     with jax.experimental.enable_x64():
-        a, b, g = (jnp.asarray(v) for v in quad.angles)
-        blocks = [np.asarray(e3nn.Irrep(l, (-1) ** l).D_from_angles(a, b, g)).reshape(len(quad.weights), -1)
-                  for l in range(l_max + 1)]
-    return np.concatenate(blocks, axis=1)
+        blocks = _irrep_blocks(l_max, *(jnp.asarray(v) for v in quad.angles))
+        return np.concatenate([np.asarray(b).reshape(len(quad.weights), -1) for b in blocks], axis=1)
 
 
 def degree_multiplicities(l_max: int) -> np.ndarray:
@@ -163,7 +177,7 @@ def degree_multiplicities(l_max: int) -> np.ndarray:
 # Kernel specification
 
 @dataclass(frozen=True)
-class AtomKernelSpec:
+class AtomKernelSpec(VersionedSpec):
     """A per-atom kernel on sphere signals (see module docstring for the three families).
 
     depth: hidden ReLU layers of the MLP (mlp, mlp-so3avg) / group convolutions after the lifting (so3gcnn).
@@ -180,6 +194,8 @@ class AtomKernelSpec:
     readout_bias_std: float = 0.0
     quadrature_degree: int = DEFAULT_QUADRATURE_DEGREE
     filter_band_limit: int | None = None
+    spec_version: ClassVar[int] = SPEC_VERSION
+    spec_what: ClassVar[str] = "kernel"
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -199,22 +215,6 @@ class AtomKernelSpec:
     def quadrature(self) -> SO3Quadrature | None:
         return None if self.name == "mlp" else SO3Quadrature(self.quadrature_degree)
 
-    def to_dict(self) -> dict:
-        return {"spec_version": SPEC_VERSION, **asdict(self)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AtomKernelSpec":
-        d = dict(d)
-        version = d.pop("spec_version", None)
-        if version != SPEC_VERSION:
-            raise ValueError(f"kernel spec version {version} is not the supported version {SPEC_VERSION}")
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown kernel options {sorted(unknown)}")
-        return cls(**d)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def moments(activation: str, k, v1, v2):
 def second_moment(activation: str, v):
     """E[φ(u)²] for u ~ N(0, v)."""
     if activation == "relu":
-        return v / 2
+        return relu_variance(v)
     return (2 / np.pi) * jnp.arcsin(2 * v / (1 + 2 * v))
 
 

@@ -11,6 +11,11 @@ write never leaves a half-written model behind.
 
 Compatibility: a reader accepts every `format_version` up to its own; a file from a newer
 eqkernels is refused with a clear message. Metadata records the library versions that wrote it.
+
+Versions of a file kind's own fields: every kind stores one key, meta["version"] (`save(...,
+version=)`, checked by `check_version`). Files written before had "schema" (ensembles, histology
+models) or "model_version" (molecule and tensor models); `load` reads either as "version", and a
+caller that still passes an old key to `save` has it written as "version".
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -28,6 +34,8 @@ from eqkernels.errors import ModelFileError
 
 FORMAT = "eqkernels"
 FORMAT_VERSION = 1
+VERSION_KEY = "version"
+LEGACY_VERSION_KEYS = ("schema", "model_version")  # what files written before eqkernels 0.2 hold instead
 
 
 def library_versions() -> dict[str, str]:
@@ -52,10 +60,24 @@ def _checksum(kind: str, meta_json: str, arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def save(path: str | Path, kind: str, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
-    """Write a file atomically; `meta` must be JSON-serialisable, arrays numeric or fixed-width text."""
-    path = Path(path)
+def _with_one_version_key(meta: dict, version: int | None) -> dict:
+    """`meta` with its kind's version under VERSION_KEY only (an old key is moved there; `version` wins)."""
     meta = dict(meta)
+    for key in LEGACY_VERSION_KEYS:
+        if key in meta:
+            meta[VERSION_KEY] = meta.pop(key)
+    if version is not None:
+        meta[VERSION_KEY] = int(version)
+    return meta
+
+
+def save(path: str | Path, kind: str, meta: dict, arrays: dict[str, np.ndarray], *, version: int | None = None) -> Path:
+    """Write a file atomically; `meta` must be JSON-serialisable, arrays numeric or fixed-width text.
+
+    `version`: the version of this kind's fields, stored as meta["version"] (see the module docstring).
+    """
+    path = Path(path)
+    meta = _with_one_version_key(meta, version)
     meta.setdefault("versions", library_versions())
     meta_json = json.dumps(meta, sort_keys=True)
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
@@ -80,54 +102,49 @@ def save(path: str | Path, kind: str, meta: dict, arrays: dict[str, np.ndarray])
     return path
 
 
+@contextmanager
+def _opened(path: Path):
+    """The open HDF5 file of an eqkernels file; any failure, in here or in the caller's reads, is one
+    ModelFileError line (missing, a folder, not HDF5, not an eqkernels file, a missing attribute)."""
+    if not path.exists():
+        raise ModelFileError("no such file", path)
+    if path.is_dir():
+        raise ModelFileError("is a folder, not a model file", path)
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise ModelFileError("not an eqkernels file (no eqkernels format marker)", path)
+            yield f
+    except ModelFileError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise ModelFileError(f"not a readable HDF5 model file ({type(e).__name__}: {str(e).splitlines()[0]})",
+                             path) from None
+
+
 def kind_of(path: str | Path) -> str:
     """The kind of an eqkernels file ("histology-model", "ensemble", ...), without reading its arrays.
 
     Only a quick look to decide how to load a file; `load` still verifies it in full.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ModelFileError("no such file", path)
-    if path.is_dir():
-        raise ModelFileError("is a folder, not a model file", path)
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT:
-                raise ModelFileError("not an eqkernels file (no eqkernels format marker)", path)
-            return str(f.attrs["kind"])
-    except ModelFileError:
-        raise
-    except (OSError, KeyError, ValueError) as e:
-        raise ModelFileError(f"not a readable HDF5 model file ({type(e).__name__}: {str(e).splitlines()[0]})",
-                             path) from None
+    with _opened(Path(path)) as f:
+        return str(f.attrs["kind"])
 
 
 def load(path: str | Path, kind: str | tuple[str, ...] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Read and verify a file; returns (meta, arrays). Raises ModelFileError with a one-line reason."""
     path = Path(path)
-    if not path.exists():
-        raise ModelFileError("no such file", path)
-    if path.is_dir():
-        raise ModelFileError("is a folder, not a model file", path)
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT:
-                raise ModelFileError("not an eqkernels file (no eqkernels format marker)", path)
-            version = int(f.attrs.get("format_version", -1))
-            if version > FORMAT_VERSION:
-                raise ModelFileError(f"written by a newer eqkernels (file format {version}, this version reads "
-                                     f"up to {FORMAT_VERSION}); upgrade eqkernels to use it", path)
-            if version < 1:
-                raise ModelFileError(f"unknown file format version {version}", path)
-            file_kind = str(f.attrs["kind"])
-            meta_json = str(f.attrs["meta"])
-            arrays = {name: f[name][()] for name in f.keys()}
-            checksum = str(f.attrs["checksum"])
-    except ModelFileError:
-        raise
-    except (OSError, KeyError, ValueError) as e:
-        raise ModelFileError(f"not a readable HDF5 model file ({type(e).__name__}: {str(e).splitlines()[0]})",
-                             path) from None
+    with _opened(path) as f:
+        version = int(f.attrs.get("format_version", -1))
+        if version > FORMAT_VERSION:
+            raise ModelFileError(f"written by a newer eqkernels (file format {version}, this version reads "
+                                 f"up to {FORMAT_VERSION}); upgrade eqkernels to use it", path)
+        if version < 1:
+            raise ModelFileError(f"unknown file format version {version}", path)
+        file_kind = str(f.attrs["kind"])
+        meta_json = str(f.attrs["meta"])
+        arrays = {name: f[name][()] for name in f.keys()}
+        checksum = str(f.attrs["checksum"])
     wanted = (kind,) if isinstance(kind, str) else kind
     if wanted is not None and file_kind not in wanted:
         raise ModelFileError(f"holds a {file_kind!r}, expected {' or '.join(map(repr, wanted))}", path)
@@ -137,18 +154,26 @@ def load(path: str | Path, kind: str | tuple[str, ...] | None = None) -> tuple[d
         meta = json.loads(meta_json)
     except ValueError:
         raise ModelFileError("metadata is not valid JSON", path) from None
-    return meta, arrays
+    return _with_one_version_key(meta, None), arrays
+
+
+def check_version(meta: dict, max_version: int, path: str | Path, *, label: str = "model",
+                  required: bool = False) -> None:
+    """Refuse a file whose meta["version"] is newer than `max_version` (or, if `required`, missing)."""
+    version = meta.get(VERSION_KEY)
+    if version is None and not required:
+        return
+    if not isinstance(version, int) or version > max_version:
+        raise ModelFileError(f"{label} version {version} is newer than this eqkernels reads ({max_version}); "
+                             "upgrade eqkernels", path)
 
 
 def load_model_file(path: str | Path, kind: str, max_version: int, arrays_needed: set[str], *,
                     label: str = "model") -> tuple[dict, dict[str, np.ndarray]]:
-    """`load`, then refuse a `model_version` newer than `max_version` (or missing) and missing arrays,
+    """`load`, then refuse a version newer than `max_version` (or missing) and missing arrays,
     each with one line naming the file."""
     meta, arrays = load(path, kind)
-    version = meta.get("model_version")
-    if not isinstance(version, int) or version > max_version:
-        raise ModelFileError(f"{label} version {version} is newer than this eqkernels reads ({max_version}); "
-                             "upgrade eqkernels", path)
+    check_version(meta, max_version, path, label=label, required=True)
     missing = set(arrays_needed) - set(arrays)
     if missing:
         raise ModelFileError(f"model lacks arrays {sorted(missing)}", path)

@@ -82,20 +82,18 @@ class HistologyModel:
 
     # ----------------------------------------------------------------------------------------- files
     def save(self, path: str | Path) -> Path:
-        meta = {"schema": MODEL_SCHEMA, "kernel": json.loads(self.spec.to_json()),
+        meta = {"kernel": json.loads(self.spec.to_json()),
                 "preprocessing": self.preprocessing.to_dict(), "class_names": list(self.class_names),
                 "options": self.options}
         arrays = {"train_inputs": self.train_inputs.astype(np.float32), "train_labels": self.train_labels,
                   "train_fingerprints": self.train_fingerprints, "dual_coef": self.dual_coef,
                   "posterior_cholesky": self.posterior_cholesky}
-        return store.save(path, MODEL_KIND, meta, arrays)
+        return store.save(path, MODEL_KIND, meta, arrays, version=MODEL_SCHEMA)
 
     @classmethod
     def load(cls, path: str | Path, expected_kernel: str | None = None) -> "HistologyModel":
         meta, arrays = store.load(path, MODEL_KIND)
-        if int(meta.get("schema", 0)) > MODEL_SCHEMA:
-            raise ModelFileError(f"model schema {meta.get('schema')} is newer than this eqkernels understands "
-                                 f"({MODEL_SCHEMA}); upgrade eqkernels", path)
+        store.check_version(meta, MODEL_SCHEMA, path, label="histology model")
         try:
             spec = KernelSpec.from_dict(meta["kernel"])
             model = cls(spec=spec, preprocessing=Preprocessing.from_dict(meta["preprocessing"]),

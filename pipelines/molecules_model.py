@@ -170,7 +170,7 @@ def load_model(path: str | Path) -> MoleculeModel:
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"model metadata not understood by this version: {e}", path) from None
     refs = meta.get("atomrefs")
-    known = {"model_version", "target", "unit", "native_unit", "env_spec", "kernel_spec", "max_atoms", "ridge",
+    known = {store.VERSION_KEY, "target", "unit", "native_unit", "env_spec", "kernel_spec", "max_atoms", "ridge",
              "atomrefs"}
     return MoleculeModel(target, unit, env, spec, arrays["channel_scale"], arrays["l0_mean"], arrays["x_train"],
                          arrays["mol_train"].astype(np.int64), arrays["alpha"], arrays["y_train"],

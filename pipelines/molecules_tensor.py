@@ -142,7 +142,7 @@ def load_tensor_model(path: str | Path) -> TensorModel:
         fixed = (meta["target"], meta["unit"], int(meta["max_atoms"]), tuple(float(r) for r in meta["ridges"]))
     except (KeyError, TypeError, ValueError, InputError) as e:
         raise ModelFileError(f"model metadata not understood by this version: {e}", path) from None
-    known = {"model_version", "target", "unit", "env_spec", "kernel_spec", "max_atoms", "ridges"}
+    known = {store.VERSION_KEY, "target", "unit", "env_spec", "kernel_spec", "max_atoms", "ridges"}
     return TensorModel(fixed[0], fixed[1], env, spec, arrays["channel_scale"], arrays["l0_mean"], arrays["x_train"],
                        arrays["mol_train"].astype(np.int64), arrays["alpha0"], arrays["alpha2"],
                        arrays["element_coef"], fixed[2], fixed[3], {k: v for k, v in meta.items() if k not in known})

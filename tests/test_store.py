@@ -68,3 +68,29 @@ def test_kind_of_reads_the_kind_and_fails_in_one_line(tmp_path):
     with pytest.raises(ModelFileError, match="not a readable HDF5") as e:
         store.kind_of(tmp_path / "text.h5")
     assert "\n" not in str(e.value)
+
+
+def test_every_kind_stores_one_version_key_and_old_keys_are_read(tmp_path):
+    """One key, meta["version"], for every file kind: `save(version=)` writes it, an old key passed in
+    ("schema" of ensembles and histology models, "model_version" of molecule models) is written as it, and
+    files on disk that hold an old key read back with "version"; `check_version` refuses newer files."""
+    store.save(tmp_path / "new.h5", "ensemble", {"k": 1}, {}, version=3)
+    with h5py.File(tmp_path / "old.h5", "w"):
+        pass
+    for legacy in ("schema", "model_version"):
+        store.save(tmp_path / f"{legacy}.h5", "molecule-model", {legacy: 2}, {})
+        with h5py.File(tmp_path / f"{legacy}.h5") as f:
+            raw = f.attrs["meta"]
+        assert '"version": 2' in raw and legacy not in raw.replace('"versions"', "")
+    meta, _ = store.load(tmp_path / "new.h5")
+    assert meta["version"] == 3 and "schema" not in meta
+    # A file as eqkernels 0.1 wrote it: the old key inside the checksummed metadata.
+    legacy_meta = '{"schema": 1, "k": 2}'
+    with h5py.File(tmp_path / "old.h5", "w") as f:
+        f.attrs.update({"format": store.FORMAT, "format_version": 1, "kind": "ensemble", "meta": legacy_meta,
+                        "checksum": store._checksum("ensemble", legacy_meta, {})})
+    meta, _ = store.load(tmp_path / "old.h5")
+    assert meta == {"version": 1, "k": 2}
+    store.check_version(meta, 1, tmp_path / "old.h5")
+    with pytest.raises(ModelFileError, match="version 3 is newer"):
+        store.check_version(store.load(tmp_path / "new.h5")[0], 2, tmp_path / "new.h5", label="ensemble")

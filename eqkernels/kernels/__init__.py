@@ -1,9 +1,7 @@
 """Image kernels: specifications, the fast engine, group averages and GCNN twins.
 
-    >>> from eqkernels.kernels import ImageKernel
-    >>> k = ImageKernel("p4cnn")
-    >>> K = k(x_train)                    # {'nngp': (N,N), 'ntk': (N,N)}
-    >>> K_test = k(x_test, x_train)       # (Ntest, N) each
+`ImageKernel(name)(x1, x2)` gives the NNGP and NTK matrices between tiles (N1, H, W, C) and
+(N2, H, W, C); `ImageKernel(name)(x)` those of x with itself (see `ImageKernel` for an example).
 """
 from __future__ import annotations
 
@@ -22,7 +20,22 @@ __all__ = ["ImageKernel", "KernelSpec", "ConvNetSpec", "KERNEL_FAMILIES", "Relat
 
 
 class ImageKernel:
-    """The infinite-width NNGP and NTK of a named image kernel family, computed by the fast engine."""
+    """The infinite-width NNGP and NTK of a named image kernel family, computed by the fast engine.
+
+    A kernel on two tiles: the plain CNN kernel changes when one tile is turned by 90°, the
+    C4-averaged one (`cnn-c4avg`, also the kernel of the C4-augmented network) does not.
+
+        >>> import numpy as np
+        >>> from eqkernels import ImageKernel
+        >>> tiles = np.random.default_rng(0).random((2, 8, 8, 3), dtype=np.float32)   # (N, H, W, C)
+        >>> turned = np.stack([tiles[0], np.rot90(tiles[1])])
+        >>> for name in ("cnn", "cnn-c4avg"):
+        ...     k = ImageKernel(name, progress=False)
+        ...     K, K_turned = k(tiles)["ntk"], k(turned)["ntk"]                 # (2, 2) each
+        ...     print(name, K.shape, bool(abs(K_turned[0, 1] - K[0, 1]) < 1e-5 * K[0, 0]))
+        cnn (2, 2) False
+        cnn-c4avg (2, 2) True
+    """
 
     def __init__(self, spec: KernelSpec | str = "cnn", *, dtype=jnp.float32, progress: bool | None = True,
                  block_size: int = 96, memory_budget_mb: float | None = None):

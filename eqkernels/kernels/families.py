@@ -13,23 +13,24 @@ which by the joint H-invariance of the CNN kernel equals 1/|G|² Σ_{g,g'} reado
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from eqkernels.groups import RotationGroup, get_group, resolve_group
+from eqkernels.kernels.activations import relu_moments
 from eqkernels.kernels.relative import RelativeKernels
 from eqkernels.kernels.spec import ConvNetSpec, KernelSpec
 
 
 def _relu_moments_np(k, v1, v2):
-    """numpy twin of activations.relu_moments in float64, for the small readout arrays."""
+    """`activations.relu_moments` in float64 NumPy for the small readout arrays, from variances v1, v2."""
+    # √(v1·v2) as one factor: on the diagonal ρ = 1 sits on ReLU's square-root cusp, where the rounding
+    # of √v1·√v2 instead would move K̃ by ~1e-8 (relative) and with it every stored figure.
     prod = np.sqrt(np.maximum(v1, 0) * np.maximum(v2, 0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = np.where(prod > 0, k / np.where(prod > 0, prod, 1), 0.0)
-    rho = np.clip(rho, -1, 1)
-    theta = np.arccos(rho)
-    k_dot = (np.pi - theta) / (2 * np.pi)
-    k_tilde = prod * (np.sqrt(1 - rho ** 2) / (2 * np.pi) + k_dot * rho)
-    return k_tilde, k_dot
+    with jax.experimental.enable_x64():
+        k_tilde, k_dot = relu_moments(jnp.asarray(k, jnp.float64), jnp.asarray(prod, jnp.float64), 1.0)
+        return np.asarray(k_tilde), np.asarray(k_dot)
 
 
 def readout(net: ConvNetSpec, k_pool, t_pool, self1=None, self2=None, *, diagonal: bool = False):

@@ -305,6 +305,14 @@ def _conv_nhwc(x, filters, q: int, padding: str):
     return lax.conv_general_dilated(x, filters, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _scale_and_shift(out, b, W_std: float, b_std, fan_in: int, parameterization: str):
+    """A convolution's output with its bias: σ_w/√fan_in · out + σ_b · b (NTK) or out + b (standard)."""
+    if parameterization == "ntk":
+        out = out * (W_std / math.sqrt(fan_in))
+        return out if b is None else out + b_std * b
+    return out if b is None else out + b
+
+
 # --------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------
@@ -342,13 +350,7 @@ def LiftingConv(out_chan: int, filter_shape=(3, 3), group: PlanarGroup | str = "
         filters = jnp.stack([_transform_filter(w, group, g) for g in range(order)], axis=-2)
         out = _conv_nhwc(inputs, filters.reshape(q, q, c_in, order * out_chan), q, padding)
         out = out.reshape(out.shape[:3] + (order, out_chan))
-        if parameterization == "ntk":
-            out = out * (W_std / math.sqrt(q * q * c_in))
-            if b is not None:
-                out = out + b_std * b
-        elif b is not None:
-            out = out + b
-        return out
+        return _scale_and_shift(out, b, W_std, b_std, q * q * c_in, parameterization)
 
     @requires(batch_axis=0, channel_axis=-1, diagonal_spatial=Diagonal(input=Bool.NO, output=Bool.NO))
     def kernel_fn(k, **kwargs):
@@ -403,13 +405,7 @@ def GroupConv(out_chan: int, filter_shape=(3, 3), group: PlanarGroup | str = "C4
         filters = filters.reshape(q, q, order * c_in, order * out_chan)
         out = _conv_nhwc(inputs.reshape(n, hh, ww, order * c_in), filters, q, padding)
         out = out.reshape(out.shape[:3] + (order, out_chan))
-        if parameterization == "ntk":
-            out = out * (W_std / math.sqrt(q * q * order * c_in))
-            if b is not None:
-                out = out + b_std * b
-        elif b is not None:
-            out = out + b
-        return out
+        return _scale_and_shift(out, b, W_std, b_std, q * q * order * c_in, parameterization)
 
     @requires(batch_axis=0, channel_axis=-1, diagonal_spatial=Diagonal(input=Bool.NO, output=Bool.NO))
     def kernel_fn(k, **kwargs):
