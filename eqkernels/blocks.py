@@ -4,8 +4,9 @@ A kernel matrix is cut into blocks. A `Block` has a `key` (unique within its job
 content fingerprint it names the block's HDF5 file and its Dask task), the `work` it represents
 (pairs, for the progress bar) and a small picklable `where` saying which part of the matrix it is.
 A `BlockJob` is what a kernel family supplies: its `fingerprint` (hash of inputs, network and
-format), the `names` of a block's arrays, and `compute(block, devices, advance) -> {name: array}`, which prepares what it needs once
-per process (e.g. per-side features, cached on the job) and evaluates the block's pairs. The layer:
+format), the `names` of a block's arrays, and `compute(block, devices, advance) -> {name: array}`,
+which prepares what it needs once per process (per-side features, cached on the job: the
+`prepare` step) and evaluates the block's pairs (the `pair` step). The layer:
 
 - skips blocks already in the checkpoint folder (`BlockStore`: one HDF5 file per block, written
   atomically; the folder, on a shared filesystem for a cluster, is the durable state);

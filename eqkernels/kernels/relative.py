@@ -6,7 +6,8 @@ then rename), so a run that is killed at any moment loses at most the blocks in 
 rerun with the same inputs computes no finished block twice. The folder carries a fingerprint
 of the inputs and the network; a folder made for other inputs is refused.
 
-Blocks are spread over all local JAX devices.
+The blocks are driven by the block layer (`eqkernels.blocks`): checkpoint folder, progress, chunks
+round-robin over all local JAX devices, or Dask workers with `executor=`.
 
 Interpolated groups (`RotationGroup`, C8, C16, D8, …): elements h·P_φ, h in an exact grid group H.
 The CNN kernel is jointly invariant under H, so K(h·P_φ x, h'·P_ψ x') = K(P_φ x, h⁻¹h'·P_ψ x'):
@@ -160,13 +161,14 @@ class _ImageBlocks:
         self.__dict__.update(state, _lock=threading.Lock())
 
     def _evaluator(self, g: int, kind: str, device) -> PairEvaluator:
-        """The pair evaluator of element g for `kind` on `device`; features of one (g, kind) at a time
-        keep memory at O(N) (blocks come sorted by kind and g). Locked: a Dask worker may run two
-        blocks at once in threads."""
+        """The pair evaluator of element g for `kind` on `device`. Features of at most two (g, kind) are
+        kept, so memory stays O(N) (blocks come sorted by kind and g) and a Dask worker running two
+        blocks at once in threads (hence the lock) does not rebuild them at every block."""
         with self._lock:
             key = (g, kind, device.id)
             if key not in self._evaluators:
-                for old in [k for k in self._evaluators if k[:2] != (g, kind)]:
+                kept = list(dict.fromkeys(k[:2] for k in self._evaluators))  # oldest first
+                for old in [k for k in self._evaluators if k[:2] in kept[:-1] and k[:2] != (g, kind)]:
                     del self._evaluators[old]
                 left = self.x1 if kind in ("cross", "self1") else self.x2
                 right = {"cross": self.x2, "self1": self.x1, "self2": self.x2}[kind]
