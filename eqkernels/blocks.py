@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -274,7 +275,10 @@ class DaskExecutor:
                                  f"{self.connect_timeout:g} s ({type(e).__name__})") from None
             return self
         workers = self.workers or os.cpu_count() or 1
-        with dask.config.set({"distributed.scheduler.allowed-failures": self.allowed_failures}):
+        with dask.config.set({"distributed.scheduler.allowed-failures": self.allowed_failures}), \
+                warnings.catch_warnings():
+            # Its HTTP server falls back to a free port when 8787 is taken; no need to say so.
+            warnings.filterwarnings("ignore", message="Port .* is already in use")
             # Loopback only; one XLA process per worker, cores shared out between them.
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
                                         processes=True, host="127.0.0.1", dashboard_address=None)
@@ -282,9 +286,17 @@ class DaskExecutor:
         return self
 
     def close(self) -> None:
-        for part in (self.client, self.cluster):
-            if part is not None:
-                part.close()
+        import logging
+
+        nanny = logging.getLogger("distributed.nanny")
+        level = nanny.level
+        nanny.setLevel(logging.ERROR)  # a worker busy exiting JAX is killed after 4 s: expected, not news
+        try:
+            for part in (self.client, self.cluster):
+                if part is not None:
+                    part.close()
+        finally:
+            nanny.setLevel(level)
         self.client = self.cluster = None
 
     def __enter__(self):
