@@ -33,10 +33,10 @@ MOLECULES_ONLY = ("rotations", "quadrature_degree")
 
 def _given_options() -> tuple[set, dict]:
     """(names of the options given on the command line, every option's value) of the running command."""
-    try:
-        from click import get_current_context
-    except ImportError:  # typer ≥ 0.20 vendors click
+    try:  # typer ≥ 0.20 vendors click; a separate click (a dependency of dask distributed) has no context
         from typer._click.globals import get_current_context
+    except ImportError:
+        from click import get_current_context
     ctx = get_current_context()
     # By name: the ParameterSource enum lives in whichever click is in use.
     given = {name for name in ctx.params
