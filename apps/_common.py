@@ -30,3 +30,34 @@ def atomic_dir(path: str | Path):
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+# Where kernel blocks run (issue 12): the same two options on every command that computes kernels.
+CLUSTER_HELP = ("Compute kernel blocks on a local Dask cluster: 'local' (one worker per core) or 'local:WORKERS' "
+                "[default: in this process].")
+SCHEDULER_HELP = "Compute kernel blocks on the Dask cluster whose scheduler listens at tcp://HOST:PORT."
+
+
+def cluster_option():
+    import typer
+
+    return typer.Option(None, "--cluster", help=CLUSTER_HELP)
+
+
+def scheduler_option():
+    import typer
+
+    return typer.Option(None, "--scheduler", help=SCHEDULER_HELP)
+
+
+@contextlib.contextmanager
+def kernel_executor(cluster: str | None, scheduler: str | None):
+    """Yield the executor for `--cluster` / `--scheduler` (None: in-process), closed afterwards."""
+    from eqkernels.blocks import executor_from_options
+
+    executor = executor_from_options(cluster, scheduler)
+    if executor is None:
+        yield None
+        return
+    with executor:
+        yield executor

@@ -14,7 +14,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from eqkernels.apps._common import atomic_dir, console, to_jsonable
+from eqkernels.apps._common import atomic_dir, cluster_option, console, kernel_executor, scheduler_option, to_jsonable
 from eqkernels.errors import InputError
 from eqkernels.kernels.spec import KERNEL_FAMILIES, ConvNetSpec, KernelSpec
 
@@ -64,6 +64,8 @@ def train(
                                               "for `eqk histology map` [default: known for NCT-CRC-HE-100K and "
                                               "PathMNIST]"),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    cluster: Optional[str] = cluster_option(),
+    scheduler: Optional[str] = scheduler_option(),
 ):
     """Train a kernel model on histology tiles and write it to one HDF5 file."""
     from eqkernels.pipelines.histology import load_tiles, stratified_split
@@ -84,10 +86,11 @@ def train(
     train_idx, _ = stratified_split(tiles.labels, n_train, seed=seed)
     resolution = _training_resolution(train_mpp, data, tiles.images.shape[1])
     start = time.perf_counter()
-    model, timings = train_model(spec, tiles.subset(train_idx), size=size, ridge=ridge, time=t_value,
-                                 learning_rate=learning_rate, checkpoint=checkpoint,
-                                 options={"data": str(data), "seed": seed, "n_train": n_train,
-                                          "n_tiles": len(tiles), **resolution})
+    with kernel_executor(cluster, scheduler) as executor:
+        model, timings = train_model(spec, tiles.subset(train_idx), size=size, ridge=ridge, time=t_value,
+                                     learning_rate=learning_rate, checkpoint=checkpoint,
+                                     options={"data": str(data), "seed": seed, "n_train": n_train,
+                                              "n_tiles": len(tiles), **resolution}, executor=executor)
     model.save(out)
     if checkpoint is not None:
         from eqkernels.apps.kernel import remove_checkpoint

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from eqkernels.apps._common import console, to_jsonable
+from eqkernels.apps._common import cluster_option, console, kernel_executor, scheduler_option, to_jsonable
 from eqkernels.apps.histology import KernelName, PaddingName, ReadoutName
 from eqkernels.errors import InputError
 
@@ -26,6 +26,8 @@ def kernel(
     checkpoint: Optional[Path] = typer.Option(None, help="Folder for resumable kernel blocks (kept until the matrix is written)."),
     block_size: int = typer.Option(96, "--block-size", help="Tiles per block side (checkpoint granularity)."),
     memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help="MB for the pairs evaluated at once."),
+    cluster: Optional[str] = cluster_option(),
+    scheduler: Optional[str] = scheduler_option(),
 ):
     """Compute NNGP and NTK matrices K(A, B) with the histology pipeline's preprocessing.
 
@@ -52,7 +54,8 @@ def kernel(
         raise InputError(f"--block-size must be >= 1, got {block_size}")
     start = time.perf_counter()
     kern = ImageKernel(spec, block_size=block_size, memory_budget_mb=memory_budget)
-    rel = kern.relative(xa, xb, checkpoint=checkpoint)
+    with kernel_executor(cluster, scheduler) as executor:
+        rel = kern.relative(xa, xb, checkpoint=checkpoint, executor=executor)
     k = family_kernels(spec, rel)
     seconds = time.perf_counter() - start
     if rel.stats.get("blocks_resumed"):

@@ -8,7 +8,7 @@ from typing import List, Optional
 import numpy as np
 import typer
 
-from eqkernels.apps._common import atomic_dir, console, to_jsonable
+from eqkernels.apps._common import atomic_dir, cluster_option, console, kernel_executor, scheduler_option, to_jsonable
 from eqkernels.errors import InputError
 
 app = typer.Typer(no_args_is_help=True, help="Molecules (QM9 and any ASE file): train, predict, report.",
@@ -42,6 +42,9 @@ def train(
     ridge: Optional[float] = typer.Option(None, "--ridge", help="Relative ridge; default: chosen by leave-one-out."),
     max_atoms: Optional[int] = typer.Option(None, "--max-atoms", help="Largest molecule the model accepts "
                                             "(default: twice the largest training molecule)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Folder for resumable training-kernel blocks."),
+    cluster: Optional[str] = cluster_option(),
+    scheduler: Optional[str] = scheduler_option(),
 ):
     """Fit a model on N training molecules and save it."""
     mp = _pipeline()
@@ -64,9 +67,10 @@ def train(
         return train_tensor(out, path, target, kernel, n_train, seed, unit, env, spec, ridge, max_atoms)
     mols = mp.load_molecules(path)
     train_idx, _ = mp.split_indices(len(mols), n_train, None, seed)
-    model = fit_model(mols.subset(train_idx), target, kernel, unit=unit, env_spec=env, kernel_spec=spec,
-                      ridge=ridge, max_atoms=max_atoms, progress=None,
-                      meta={"split_seed": seed, "data": str(path)})
+    with kernel_executor(cluster, scheduler) as executor:
+        model = fit_model(mols.subset(train_idx), target, kernel, unit=unit, env_spec=env, kernel_spec=spec,
+                          ridge=ridge, max_atoms=max_atoms, progress=None,
+                          meta={"split_seed": seed, "data": str(path)}, checkpoint=checkpoint, executor=executor)
     model.save(out)
     console.print(f"{out}: {kernel} model of {target} ({model.unit}) on {model.n_train} molecules, "
                   f"ridge {model.ridge:g}, {_quadrature_summary(model)}, "
@@ -98,6 +102,8 @@ def predict(
                                        "ASE db, qm9pack CSV …)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines."),
     unit: Optional[str] = typer.Option(None, "--unit", help="Energy unit of the output (default: the model's)."),
+    cluster: Optional[str] = cluster_option(),
+    scheduler: Optional[str] = scheduler_option(),
 ):
     """Predict the model's property for every molecule in the files: one line 'name value unit' each.
 
@@ -118,12 +124,12 @@ def predict(
         from eqkernels.pipelines.molecules_ensemble import ensemble_file_info, predict_with_ensemble
 
         target, model_unit, elements, max_atoms = ensemble_file_info(model_path)
-        predict_fn = lambda mols: predict_with_ensemble(model_path, mols)  # noqa: E731
+        predict_fn = lambda mols, executor: predict_with_ensemble(model_path, mols)  # noqa: E731
         convertible = True
     else:
         model = load_model(model_path)
         target, model_unit, elements, max_atoms = model.target, model.unit, model.env_spec.elements, model.max_atoms
-        predict_fn = lambda mols: model.predict(mols, check=False)  # noqa: E731
+        predict_fn = lambda mols, executor: model.predict(mols, check=False, executor=executor)  # noqa: E731
         convertible = model.meta.get("native_unit", "Ha") == "Ha"
     out_unit = unit or model_unit
     if out_unit != model_unit:
@@ -137,8 +143,9 @@ def predict(
         mp.check_molecules(mols, elements, max_atoms=max_atoms, path=f)
         loaded.append((f, mols))
     rows = []
-    for f, mols in loaded:
-        values = mp.convert_units(predict_fn(mols), model_unit, out_unit)
+    with kernel_executor(cluster, scheduler) as executor:  # kernel models only; ensembles ignore it
+        values_by_file = [mp.convert_units(predict_fn(mols, executor), model_unit, out_unit) for _, mols in loaded]
+    for (f, mols), values in zip(loaded, values_by_file):
         for name, v in zip(mols.names, values):
             label = str(f) if len(mols) == 1 else f"{f}:{name}"
             rows.append({"name": label, "value": float(v), "unit": out_unit, "target": target})

@@ -127,8 +127,10 @@ def fit_from_kernels(spec: KernelSpec, preprocessing: Preprocessing, train: Tile
 
 def train_model(spec: KernelSpec, train: TileSet, *, size: int, ridge: float = 1e-6, time: float | None = None,
                 learning_rate: float = 1.0, checkpoint: str | Path | None = None, progress: bool | None = True,
-                options: dict | None = None) -> tuple[HistologyModel, dict]:
-    """Fit preprocessing and the kernel model on `train`; returns (model, timings in seconds)."""
+                options: dict | None = None, executor=None) -> tuple[HistologyModel, dict]:
+    """Fit preprocessing and the kernel model on `train`; returns (model, timings in seconds).
+
+    `executor`: where the train × train kernel blocks run (None: in-process; see `eqkernels.blocks`)."""
     if len(set(train.labels.tolist())) < 2:
         raise InputError("training data must contain at least two classes")
     spec.net.check_input_size(size)
@@ -141,7 +143,8 @@ def train_model(spec: KernelSpec, train: TileSet, *, size: int, ridge: float = 1
     preprocessing = Preprocessing.fit(train.images, size)
     inputs = preprocessing(train.images)
     t1 = _time.perf_counter()
-    kernels = ImageKernel(spec, progress=progress)(inputs, checkpoint=checkpoint, description="train × train kernel")
+    kernels = ImageKernel(spec, progress=progress)(inputs, checkpoint=checkpoint, description="train × train kernel",
+                                                   executor=executor)
     t2 = _time.perf_counter()
     model = fit_from_kernels(spec, preprocessing, train, inputs, kernels, ridge=ridge, time=time,
                              learning_rate=learning_rate, options=options or {})

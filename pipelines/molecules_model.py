@@ -117,18 +117,18 @@ class MoleculeModel:
             base = base + counts @ np.array([self.atomrefs[z] for z in self.env_spec.elements])
         return base
 
-    def test_kernel(self, mols: MoleculeSet, progress: bool | None = None) -> np.ndarray:
-        """NTK between molecules and the training molecules, (len(mols), N)."""
+    def test_kernel(self, mols: MoleculeSet, progress: bool | None = None, executor=None) -> np.ndarray:
+        """NTK between molecules and the training molecules, (len(mols), N); `executor`: where blocks run."""
         x, mol = self.features(mols)
-        return self.kernel(progress)(x, mol, len(mols), self.x_train, self.mol_train, self.n_train,
+        return self.kernel(progress)(x, mol, len(mols), self.x_train, self.mol_train, self.n_train, executor=executor,
                                      description=f"predicting {len(mols)} molecules")["ntk"]
 
     def predict_parts(self, mols: MoleculeSet, *, check: bool = True, path=None, progress: bool | None = None,
-                      k_test: np.ndarray | None = None):
+                      k_test: np.ndarray | None = None, executor=None):
         """(baseline, kernel part) per molecule, in `unit`."""
         if check:
             check_molecules(mols, self.env_spec.elements, max_atoms=self.max_atoms, path=path)
-        k = self.test_kernel(mols, progress) if k_test is None else k_test
+        k = self.test_kernel(mols, progress, executor) if k_test is None else k_test
         return self.baseline(mols), mean_prediction(k, self.alpha)
 
     def predict(self, mols: MoleculeSet, **kwargs) -> np.ndarray:
@@ -229,8 +229,10 @@ def _fit_dual(spec: AtomKernelSpec, k_train: np.ndarray, residual: np.ndarray, r
 def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *, unit: str | None = None,
               env_spec: EnvironmentSpec | None = None, kernel_spec: AtomKernelSpec | None = None,
               ridge: float | None = None, max_atoms: int | None = None, progress: bool | None = None,
-              centre_inputs: bool = True, meta: dict | None = None) -> MoleculeModel:
+              centre_inputs: bool = True, meta: dict | None = None, checkpoint=None, executor=None) -> MoleculeModel:
     """Fit the NTK regression (t = ∞, ridge by leave-one-out if None) on the training molecules.
+
+    `checkpoint`: folder for resumable training-kernel blocks; `executor`: where they run (None: in-process).
 
     `centre_inputs` subtracts the training mean of every channel's degree-0 coefficient. Without it
     every per-atom kernel value carries a large common positive part, the molecule kernel is close
@@ -267,7 +269,8 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
     l0_mean = np.mean(x[:, :, 0] * scale[None, :], axis=0) if centre_inputs else np.zeros(len(scale))
     x = normalise_features(x, scale, l0_mean)
     mk = MoleculeKernel(kernel_spec, env_spec.l_max, progress=progress)
-    k_train = mk(x, mol, len(train), description=f"training kernel ({len(train)} molecules)")["ntk"]
+    k_train = mk(x, mol, len(train), description=f"training kernel ({len(train)} molecules)", checkpoint=checkpoint,
+                 executor=executor)["ntk"]
     q_errors = quadrature_errors(kernel_spec, error_sample(x, mol))
     n_check = min(INVARIANCE_CHECK_MOLECULES, len(train))
     parts = {"x": x, "mol": mol, "scale": scale, "l0_mean": l0_mean, "env_spec": env_spec}

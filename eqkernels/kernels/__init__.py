@@ -51,17 +51,19 @@ class ImageKernel:
 
     def relative(self, x1, x2=None, *, group: PlanarGroup | RotationGroup | str | None = None,
                  checkpoint: str | Path | None = None, keep_checkpoint: bool = True,
-                 description: str | None = None) -> RelativeKernels:
+                 description: str | None = None, executor=None) -> RelativeKernels:
         """Relative pooled kernels over `group` (default: the family's group) — reusable across families.
 
         With `checkpoint`, finished blocks are kept there until the caller has stored the result
-        (`keep_checkpoint=False` removes them as soon as the computation finishes).
+        (`keep_checkpoint=False` removes them as soon as the computation finishes). `executor`: where
+        the blocks run (None: in-process; an `eqkernels.blocks.DaskExecutor`).
         """
         return group_relative_kernels(self.spec.net, np.asarray(x1), None if x2 is None else np.asarray(x2),
                                       group or self.group, need_self=self.spec.net.readout != "linear",
                                       dtype=self.dtype, block_size=self.block_size, checkpoint=checkpoint,
                                       keep_checkpoint=keep_checkpoint, memory_budget_mb=self.memory_budget_mb,
-                                      progress=self.progress, description=description or f"{self.spec.name} kernel")
+                                      progress=self.progress, description=description or f"{self.spec.name} kernel",
+                                      executor=executor)
 
     def __call__(self, x1, x2=None, get: str | tuple = ("nngp", "ntk"), **kwargs):
         """Kernel matrices between images x1 (N1,H,W,C) and x2 (N2,H,W,C) (x2=None: x1 with itself)."""

@@ -6,7 +6,8 @@ then rename), so a run that is killed at any moment loses at most the blocks in 
 rerun with the same inputs computes no finished block twice. The folder carries a fingerprint
 of the inputs and the network; a folder made for other inputs is refused.
 
-Blocks are spread over all local JAX devices.
+The blocks are driven by the block layer (`eqkernels.blocks`): checkpoint folder, progress, chunks
+round-robin over all local JAX devices, or Dask workers with `executor=`.
 
 Interpolated groups (`RotationGroup`, C8, C16, D8, …): elements h·P_φ, h in an exact grid group H.
 The CNN kernel is jointly invariant under H, so K(h·P_φ x, h'·P_ψ x') = K(P_φ x, h⁻¹h'·P_ψ x'):
@@ -15,29 +16,25 @@ every kernel between two orbits is a relative kernel over H between the *stacks*
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqkernels.blocks import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Block, BlockStore, fingerprint, round_robin,
+                              run_blocks)
 from eqkernels.errors import InputError
 from eqkernels.groups import PlanarGroup, RotationGroup, get_group, resolve_group
 from eqkernels.kernels.engine import (PairEvaluator, check_group_fits_images, default_pairs_per_step,
                                      pair_working_set_bytes)
 from eqkernels.kernels.spec import ConvNetSpec
-from eqkernels.progress import Meter
-from eqkernels.store import atomic_write_text
 
-CHECKPOINT_FORMAT = "eqkernels-kernel-blocks"
-CHECKPOINT_VERSION = 1
+_BlockStore = BlockStore  # the former private name; CHECKPOINT_* re-exported for callers of this module
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "RelativeKernels", "relative_kernels",
+           "rotation_relative_kernels", "group_relative_kernels", "fine_stack"]
 
 
 @dataclass
@@ -90,63 +87,9 @@ class RelativeKernels:
 
 
 def _fingerprint(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None, group: PlanarGroup, dtype) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"net": net.__dict__, "group": group.name, "dtype": str(np.dtype(dtype)),
-                         "format": CHECKPOINT_VERSION}, sort_keys=True).encode())
-    for x in (x1, x2):
-        if x is None:
-            h.update(b"symmetric")
-        else:
-            h.update(str(x.shape).encode())
-            h.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
-    return h.hexdigest()
-
-
-class _BlockStore:
-    """A checkpoint folder with one HDF5 file per finished block."""
-
-    def __init__(self, folder: str | Path | None, fingerprint: str):
-        self.folder = None if folder is None else Path(folder)
-        if self.folder is None:
-            return
-        meta_path = self.folder / "checkpoint.json"
-        if meta_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text())
-            except (OSError, ValueError) as e:
-                raise InputError(f"unreadable checkpoint metadata ({e})", meta_path) from None
-            if meta.get("format") != CHECKPOINT_FORMAT or meta.get("fingerprint") != fingerprint:
-                raise InputError("checkpoint folder belongs to other inputs or another kernel; "
-                                 "remove it or choose another --checkpoint", self.folder)
-        else:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(meta_path, json.dumps({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                                                      "fingerprint": fingerprint}))
-
-    def _path(self, key: str) -> Path:
-        return self.folder / f"{key}.h5"
-
-    def load(self, key: str):
-        if self.folder is None or not self._path(key).exists():
-            return None
-        try:
-            with h5py.File(self._path(key), "r") as f:
-                return f["nngp"][()], f["ntk"][()]
-        except (OSError, KeyError):
-            return None  # a damaged block is simply computed again
-
-    def save(self, key: str, nngp: np.ndarray, ntk: np.ndarray) -> None:
-        if self.folder is None:
-            return
-        tmp = self.folder / f".{key}.h5.tmp{os.getpid()}"
-        with h5py.File(tmp, "w") as f:
-            f["nngp"] = nngp
-            f["ntk"] = ntk
-        os.replace(tmp, self._path(key))
-
-    def remove(self) -> None:
-        if self.folder is not None and self.folder.exists():
-            shutil.rmtree(self.folder)
+    """Content fingerprint of one relative-kernel job (names its checkpoint folder and Dask tasks)."""
+    meta = {"net": net.__dict__, "group": group.name, "dtype": str(np.dtype(dtype))}
+    return fingerprint(meta, [None if x is None else np.asarray(x, dtype=np.float32) for x in (x1, x2)])
 
 
 def _block_pairs(rows: range, cols: range, upper_only: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -158,13 +101,106 @@ def _block_pairs(rows: range, cols: range, upper_only: bool) -> tuple[np.ndarray
     return i, j
 
 
+def _block_indices(block: Block) -> tuple[np.ndarray, np.ndarray]:
+    """The (i, j) pairs of a block: `where` = (g, kind, (r0, r1), (c0, c1), upper_only)."""
+    _, kind, rows, cols, upper = block.where
+    if kind != "cross":
+        i = np.arange(*rows)
+        return i, i
+    return _block_pairs(range(*rows), range(*cols), upper)
+
+
+def _plan(n1: int, n2: int, group: PlanarGroup, symmetric: bool, block_size: int, self_sets: tuple) -> list[Block]:
+    """Blocks of the relative kernels (group element × row block × column block), then of the self terms.
+
+    Symmetric: M_{g⁻¹} = M_gᵀ, so only g ≤ g⁻¹ is planned, and for g = g⁻¹ only blocks on or above
+    the diagonal. `self_sets`: (name, N) of the sets whose self terms K(x_i, g·x_i) are needed.
+    """
+    blocks, inverse = [], group.inverse
+    for g in range(group.order):
+        if symmetric and inverse[g] < g:
+            continue  # filled as the transpose of M_{g⁻¹}
+        upper = symmetric and inverse[g] == g
+        for r0 in range(0, n1, block_size):
+            for c0 in range(0, n2, block_size):
+                if upper and c0 + block_size <= r0:
+                    continue
+                rows, cols = (r0, min(r0 + block_size, n1)), (c0, min(c0 + block_size, n2))
+                block = Block(f"m_g{g}_r{r0}_c{c0}", 0, (g, "cross", rows, cols, upper and r0 == c0))
+                work = len(_block_indices(block)[0])
+                if work:
+                    blocks.append(Block(block.key, work, block.where))
+    for name, n in self_sets:
+        for g in range(group.order):
+            for r0 in range(0, n, block_size):
+                rows = (r0, min(r0 + block_size, n))
+                blocks.append(Block(f"{name}_g{g}_r{r0}", rows[1] - rows[0], (g, name, rows, rows, False)))
+    return blocks
+
+
+class _ImageBlocks:
+    """The relative-kernel block job: pooled (K, Θ) of a block's pairs (i, j) between x_left and g·x_right."""
+
+    names = ("nngp", "ntk")
+
+    def __init__(self, net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray, group: PlanarGroup, *, dtype, chunk: int,
+                 pairs_per_step: int, fingerprint: str):
+        self.net, self.x1, self.x2, self.group, self.dtype = net, x1, x2, group, dtype
+        self.chunk, self.pairs_per_step, self.fingerprint = chunk, pairs_per_step, fingerprint
+        self._evaluators: dict = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_evaluators"] = {}  # device arrays stay in the process that built them
+        state.pop("_lock")
+        state["dtype"] = np.dtype(self.dtype).name
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def _evaluator(self, g: int, kind: str, device) -> PairEvaluator:
+        """The pair evaluator of element g for `kind` on `device`. Features of at most two (g, kind) are
+        kept, so memory stays O(N) (blocks come sorted by kind and g) and a Dask worker running two
+        blocks at once in threads (hence the lock) does not rebuild them at every block."""
+        with self._lock:
+            key = (g, kind, device.id)
+            if key not in self._evaluators:
+                kept = list(dict.fromkeys(k[:2] for k in self._evaluators))  # oldest first
+                for old in [k for k in self._evaluators if k[:2] in kept[:-1] and k[:2] != (g, kind)]:
+                    del self._evaluators[old]
+                left = self.x1 if kind in ("cross", "self1") else self.x2
+                right = {"cross": self.x2, "self1": self.x1, "self2": self.x2}[kind]
+                with jax.default_device(device):
+                    self._evaluators[key] = PairEvaluator(self.net, left, self.group.act(right, self.group.elements[g]),
+                                                          dtype=self.dtype, pairs_per_step=self.pairs_per_step)
+            return self._evaluators[key]
+
+    def compute(self, block: Block, devices: list, advance) -> dict[str, np.ndarray]:
+        """{'nngp', 'ntk'}: (pairs,) float64; chunks of a fixed (padded) length so each shape compiles once."""
+        g, kind = block.where[:2]
+        i, j = _block_indices(block)
+        n, chunk = len(i), self.chunk
+        pad = (-n) % chunk
+        ii, jj = np.concatenate([i, np.zeros(pad, i.dtype)]), np.concatenate([j, np.zeros(pad, j.dtype)])
+        starts = list(range(0, len(ii), chunk))
+        dispatch = lambda s, device: self._evaluator(g, kind, device).dispatch(ii[s:s + chunk], jj[s:s + chunk])  # noqa: E731
+        outs = []
+        for s, out in round_robin(starts, devices, dispatch):
+            outs.append(out)
+            advance(min(chunk, n - s))
+        return {name: np.concatenate([np.asarray(o[k]) for o in outs])[:n].astype(np.float64)
+                for k, name in enumerate(self.names)}
+
+
 def relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None = None,
                      group: PlanarGroup | str | None = None, *, need_self: bool = False,
                      need_self2: bool | None = None, dtype=jnp.float32, block_size: int = 96,
                      chunk: int | None = None,
                      checkpoint: str | Path | None = None, keep_checkpoint: bool = False,
                      memory_budget_mb: float | None = None, progress: bool | None = True,
-                     description: str = "kernel") -> RelativeKernels:
+                     description: str = "kernel", executor=None) -> RelativeKernels:
     """Pooled relative kernels between image sets x1 (N1,H,W,C) and x2 (N2,H,W,C) for a group.
 
     `x2=None` means x2 = x1: then M_{g⁻¹} = M_gᵀ is used to compute each value once.
@@ -173,125 +209,74 @@ def relative_kernels(net: ConvNetSpec, x1: np.ndarray, x2: np.ndarray | None = N
     `checkpoint` names a folder for resumable per-block results (removed after success unless
     `keep_checkpoint`). `block_size` (pairs per block side) sets the checkpoint granularity;
     `memory_budget_mb` bounds the memory of the pairs evaluated at once (refused if one pair
-    alone needs more).
+    alone needs more). `executor`: None (in-process) or an `eqkernels.blocks.DaskExecutor`.
     """
     group = get_group("C1") if group is None else (get_group(group) if isinstance(group, str) else group)
     x1 = np.asarray(x1)
     symmetric = x2 is None
     x2a = x1 if symmetric else np.asarray(x2)
     check_group_fits_images(group, *x1.shape[1:3])  # before any checkpoint file is written
-    n1, n2, order = len(x1), len(x2a), group.order
-    inverse = group.inverse
-    store = _BlockStore(checkpoint, _fingerprint(net, x1, None if symmetric else x2a, group, dtype))
-    devices = jax.local_devices()
-    chunk = chunk or (256 if jax.default_backend() == "cpu" else 4096)
+    n1, n2 = len(x1), len(x2a)
+    need_self2 = need_self if need_self2 is None else need_self2
+    self_sets = () if not need_self or symmetric else ((("self1", n1), ("self2", n2)) if need_self2
+                                                        else (("self1", n1),))
+    blocks = _plan(n1, n2, group, symmetric, block_size, self_sets)
+    job = _ImageBlocks(net, x1, x2a, group, dtype=dtype, pairs_per_step=_pairs_per_step(net, x1, dtype, memory_budget_mb),
+                       chunk=_chunk_length(chunk, blocks), fingerprint=_fingerprint(net, x1, None if symmetric else x2a,
+                                                                                    group, dtype))
+    nngp = np.full((group.order, n1, n2), np.nan, dtype=np.float64)
+    ntk = np.full_like(nngp, np.nan)
+    selfs = {name: (np.full((group.order, n), np.nan), np.full((group.order, n), np.nan)) for name, n in self_sets}
+
+    def scatter(block: Block, arrays: dict) -> None:
+        g, kind = block.where[:2]
+        i, j = _block_indices(block)
+        a, b = arrays["nngp"], arrays["ntk"]
+        if kind == "cross":
+            nngp[g, i, j], ntk[g, i, j] = a, b
+            if symmetric:
+                nngp[group.inverse[g], j, i], ntk[group.inverse[g], j, i] = a, b
+        else:
+            selfs[kind][0][g, i], selfs[kind][1][g, i] = a, b
+
+    stats = run_blocks(job, blocks, scatter, checkpoint=checkpoint, keep_checkpoint=keep_checkpoint,
+                       executor=executor, description=description, progress=progress,
+                       valid=lambda block, arrays: len(arrays["nngp"]) == block.work)
+    result = RelativeKernels(group.name, nngp, ntk, stats=stats.as_dict())
+    if need_self:
+        _attach_self_terms(result, selfs, symmetric, need_self2)
+    return result
+
+
+def _pairs_per_step(net: ConvNetSpec, x1: np.ndarray, dtype, memory_budget_mb: float | None) -> int:
+    """Pairs evaluated at once within the memory budget (refused if one pair alone needs more)."""
     size = int(x1.shape[2])
     per_pair = pair_working_set_bytes(net, size, dtype)
     if memory_budget_mb is not None and per_pair > memory_budget_mb * 2 ** 20:
         raise InputError(f"one pair of {size}px images needs about {per_pair / 2 ** 20:.0f} MB; "
                          f"the memory budget is {memory_budget_mb:g} MB")
-    pairs_per_step = default_pairs_per_step(net, size, dtype, memory_budget_mb)
+    return default_pairs_per_step(net, size, dtype, memory_budget_mb)
 
-    # Plan: (key, g, pairs) for every block to compute, and how each result is scattered.
-    tasks = []
-    for g in range(order):
-        if symmetric and inverse[g] < g:
-            continue  # filled as the transpose of M_{g⁻¹}
-        upper = symmetric and inverse[g] == g
-        for r0 in range(0, n1, block_size):
-            for c0 in range(0, n2, block_size):
-                if upper and c0 + block_size <= r0:
-                    continue
-                rows, cols = range(r0, min(r0 + block_size, n1)), range(c0, min(c0 + block_size, n2))
-                i, j = _block_pairs(rows, cols, upper and r0 == c0)
-                if len(i):
-                    tasks.append((f"m_g{g}_r{r0}_c{c0}", g, i, j, "cross"))
-    need_self2 = need_self if need_self2 is None else need_self2
-    if need_self and not symmetric:
-        for name, n in (("self1", n1), ("self2", n2)) if need_self2 else (("self1", n1),):
-            for g in range(order):
-                for r0 in range(0, n, block_size):
-                    i = np.arange(r0, min(r0 + block_size, n))
-                    tasks.append((f"{name}_g{g}_r{r0}", g, i, i, name))
 
-    nngp = np.full((order, n1, n2), np.nan, dtype=np.float64)
-    ntk = np.full_like(nngp, np.nan)
-    selfs = {name: (np.full((order, n), np.nan), np.full((order, n), np.nan))
-             for name, n in (("self1", n1), ("self2", n2))} if need_self and not symmetric else {}
+def _chunk_length(chunk: int | None, blocks: list[Block]) -> int:
+    """Pairs per dispatched chunk: 256 on CPU, 4096 on accelerators; small jobs get a small power of
+    two (less padding, still a handful of compiled shapes)."""
+    chunk = chunk or (256 if jax.default_backend() == "cpu" else 4096)
+    if blocks:
+        chunk = min(chunk, 1 << int(np.ceil(np.log2(max(b.work for b in blocks)))))
+    return chunk
 
-    def scatter(task, a, b):
-        _, g, i, j, kind = task
-        if kind == "cross":
-            nngp[g, i, j], ntk[g, i, j] = a, b
-            if symmetric:
-                nngp[inverse[g], j, i], ntk[inverse[g], j, i] = a, b
-        else:
-            selfs[kind][0][g, i], selfs[kind][1][g, i] = a, b
 
-    total = sum(len(t[2]) for t in tasks)
-    started = time.perf_counter()
-    if tasks:  # small jobs get a small chunk: less padding, still a handful of compiled shapes
-        chunk = min(chunk, 1 << int(np.ceil(np.log2(max(len(t[2]) for t in tasks)))))
-    pending = []
-    for task in tasks:
-        found = store.load(task[0])
-        if found is not None and len(found[0]) == len(task[2]):
-            scatter(task, *found)
-        else:
-            pending.append(task)
-
-    evaluators: dict = {}
-
-    def evaluator(g: int, kind: str, device) -> PairEvaluator:
-        if evaluators.get("key") != (g, kind):
-            evaluators.clear()  # one group element at a time keeps feature memory at O(N)
-            evaluators["key"] = (g, kind)
-        if device.id not in evaluators:
-            left = x1 if kind in ("cross", "self1") else x2a
-            right = {"cross": x2a, "self1": x1, "self2": x2a}[kind]
-            with jax.default_device(device):
-                evaluators[device.id] = PairEvaluator(net, left, group.act(right, group.elements[g]),
-                                                      dtype=dtype, pairs_per_step=pairs_per_step)
-        return evaluators[device.id]
-
-    with Meter(total, description, enabled=progress) as meter:
-        meter.advance(total - sum(len(t[2]) for t in pending))
-        pending.sort(key=lambda t: (t[4], t[1]))
-        for task in pending:
-            _, g, i, j, kind = task
-            # Chunks of a fixed length (padded) so each shape compiles once; round-robin over devices.
-            n = len(i)
-            pad = (-n) % chunk
-            ii, jj = np.concatenate([i, np.zeros(pad, i.dtype)]), np.concatenate([j, np.zeros(pad, j.dtype)])
-            outs, unreported = [], 0
-            for c, s in enumerate(range(0, len(ii), chunk)):
-                ev = evaluator(g, kind, devices[c % len(devices)])
-                outs.append(ev.dispatch(ii[s:s + chunk], jj[s:s + chunk]))  # asynchronous
-                unreported += min(chunk, n - s)
-                if len(outs) % len(devices) == 0 or s + chunk >= len(ii):
-                    jax.block_until_ready(outs[-len(devices):])
-                    meter.advance(unreported)
-                    unreported = 0
-            a = np.concatenate([np.asarray(o[0]) for o in outs])[:n].astype(np.float64)
-            b = np.concatenate([np.asarray(o[1]) for o in outs])[:n].astype(np.float64)
-            store.save(task[0], a, b)
-            scatter(task, a, b)
-
-    result = RelativeKernels(group.name, nngp, ntk, stats={
-        "blocks": len(tasks), "blocks_resumed": len(tasks) - len(pending), "pairs": total,
-        "pairs_computed": sum(len(t[2]) for t in pending), "seconds": time.perf_counter() - started})
-    if need_self:
-        if symmetric:
-            diag = np.arange(n1)
-            result.self1_nngp = result.self2_nngp = nngp[:, diag, diag]
-            result.self1_ntk = result.self2_ntk = ntk[:, diag, diag]
-        else:
-            result.self1_nngp, result.self1_ntk = selfs["self1"]
-            if need_self2:
-                result.self2_nngp, result.self2_ntk = selfs["self2"]
-    if not keep_checkpoint:
-        store.remove()
-    return result
+def _attach_self_terms(result: RelativeKernels, selfs: dict, symmetric: bool, need_self2: bool) -> None:
+    """Self terms K(x_i, g·x_i): the diagonal of a symmetric job, else the computed self blocks."""
+    if symmetric:
+        diag = np.arange(result.nngp.shape[1])
+        result.self1_nngp = result.self2_nngp = result.nngp[:, diag, diag]
+        result.self1_ntk = result.self2_ntk = result.ntk[:, diag, diag]
+    else:
+        result.self1_nngp, result.self1_ntk = selfs["self1"]
+        if need_self2:
+            result.self2_nngp, result.self2_ntk = selfs["self2"]
 
 
 def fine_stack(x: np.ndarray, fine_angles: tuple) -> np.ndarray:
