@@ -28,7 +28,9 @@ from eqkernels.pipelines.qm9io import (NATIVE_UNITS, PROPERTY_NAMES, QM9_PROPERT
                                        read_ase_file, read_qm9_tar, read_qm9_xyz_files, read_qm9pack_csv,
                                        read_qm9pack_npz)
 from eqkernels.so3 import DEFAULT_QUADRATURE_DEGREE, KERNEL_NAMES, AtomKernelSpec, quadrature_errors, random_rotations
+from eqkernels.nystrom import plan_solver
 from eqkernels.solvers import mean_prediction, select_ridge_loo, solve_ridge_eigh
+from eqkernels.pipelines.molecules_nystrom import STORED_KERNELS as NYSTROM_STORED_KERNELS, fit_nystrom
 
 __all__ = ["MoleculeSet", "load_molecules", "parse_qm9_xyz", "format_qm9_xyz", "qm9pack_row_to_xyz", "qm9pack_rows",
            "read_qm9pack_csv", "read_qm9pack_npz", "read_ase_db", "read_ase_file", "read_qm9_xyz_files",
@@ -368,8 +370,11 @@ def _fit_dual(spec: AtomKernelSpec, k_train: np.ndarray, residual: np.ndarray, r
 def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *, unit: str | None = None,
               env_spec: EnvironmentSpec | None = None, kernel_spec: AtomKernelSpec | None = None,
               ridge: float | None = None, max_atoms: int | None = None, progress: bool | None = None,
-              centre_inputs: bool = True, meta: dict | None = None) -> MoleculeModel:
+              centre_inputs: bool = True, meta: dict | None = None, inducing: str | int | None = None) -> MoleculeModel:
     """Fit the NTK regression (t = ∞, ridge by leave-one-out if None) on the training molecules.
+
+    `inducing` ('auto', 'exact' or M; None: exact, no choice recorded): exact KRR or Nyström-CG
+    (`eqkernels.nystrom.plan_solver`, `pipelines.molecules_nystrom`).
 
     `centre_inputs` subtracts the training mean of every channel's degree-0 coefficient. Without it
     every per-atom kernel value carries a large common positive part, the molecule kernel is close
@@ -406,17 +411,29 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
     l0_mean = np.mean(x[:, :, 0] * scale[None, :], axis=0) if centre_inputs else np.zeros(len(scale))
     x = normalise_features(x, scale, l0_mean)
     mk = MoleculeKernel(kernel_spec, env_spec.l_max, progress=progress)
-    k_train = mk(x, mol, len(train), description=f"training kernel ({len(train)} molecules)")["ntk"]
-    q_errors = quadrature_errors(kernel_spec, error_sample(x, mol))
     n_check = min(INVARIANCE_CHECK_MOLECULES, len(train))
     parts = {"x": x, "mol": mol, "scale": scale, "l0_mean": l0_mean, "env_spec": env_spec}
-    change = _kernel_change_under_motion(mk, parts, train.subset(np.arange(n_check)), k_train[:n_check])
-    ridge, alpha = _fit_dual(kernel_spec, k_train, residual, ridge, q_errors["max"], change)
+    plan = None if inducing is None else plan_solver(len(train), inducing, stored_kernels=NYSTROM_STORED_KERNELS)
+    if plan is not None and plan["solver"] == "nystrom":
+        q_errors = quadrature_errors(kernel_spec, error_sample(x, mol))
+        motion = lambda xi, mi, k: _kernel_change_under_motion(  # noqa: E731
+            mk, dict(parts, x=xi, mol=mi), train.subset(np.arange(n_check)), k[:n_check])
+        fit = fit_nystrom(mk, train, x, mol, residual, plan, ridge=ridge, kernel_error=q_errors["max"], motion=motion,
+                          seed=int((meta or {}).get("split_seed", 0)))
+        ridge, alpha, change, k_rows, plan = fit["ridge"], fit["coef"], fit["change"], fit["k_nm"], fit["solver"]
+        x, mol, residual = fit["x"], fit["mol"], residual[fit["idx"]]  # the model keeps the inducing molecules
+    else:
+        k_rows = k_train = mk(x, mol, len(train), description=f"training kernel ({len(train)} molecules)")["ntk"]
+        q_errors = quadrature_errors(kernel_spec, error_sample(x, mol))
+        change = _kernel_change_under_motion(mk, parts, train.subset(np.arange(n_check)), k_train[:n_check])
+        ridge, alpha = _fit_dual(kernel_spec, k_train, residual, ridge, q_errors["max"], change)
     max_atoms = max_atoms or 2 * int(train.n_atoms.max())
     info = {"n_train": len(train), "train_names": list(train.names)[:5000], "data": train.source,
             "kernel_seconds": mk.last_seconds, **(meta or {})}
     info.update(quadrature_info(kernel_spec, q_errors))
-    info["invariance_error_rel_train"] = prediction_invariance(change, k_train, alpha)
+    info["invariance_error_rel_train"] = prediction_invariance(change, k_rows, alpha)
+    if plan is not None:
+        info["solver"] = plan
     info["dual_l1"] = float(np.sum(np.abs(alpha)))
     return MoleculeModel(target, unit, env_spec, kernel_spec, scale, l0_mean, x, mol, alpha, residual, element_coef,
                          atomrefs, max_atoms, float(ridge), info)
