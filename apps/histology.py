@@ -69,11 +69,11 @@ def train(
                                  "else M = min(N, 2000)."),
 ):
     """Train a kernel model on histology tiles and write it to one HDF5 file."""
-    from eqkernels.nystrom import describe_solver, parse_inducing
+    from eqkernels.nystrom import check_inducing, describe_solver, parse_inducing
     from eqkernels.pipelines.histology import load_tiles, stratified_split
     from eqkernels.pipelines.histology_model import train_model
 
-    inducing_choice = parse_inducing(inducing)
+    inducing_choice = check_inducing(parse_inducing(inducing), n_train)  # before any data is read
     t_value = parse_time(time_)
     if ridge < 0:
         raise InputError(f"--ridge must be >= 0, got {ridge}")

@@ -47,9 +47,9 @@ def train(
                                  "else M = min(N, 2000)."),
 ):
     """Fit a model on N training molecules and save it."""
-    from eqkernels.nystrom import describe_solver, parse_inducing
+    from eqkernels.nystrom import check_inducing, describe_solver, parse_inducing
 
-    inducing_choice = parse_inducing(inducing)
+    inducing_choice = check_inducing(parse_inducing(inducing), n_train)  # before any data is read
     mp = _pipeline()
     from eqkernels.environments import EnvironmentSpec
     from eqkernels.so3 import DEFAULT_QUADRATURE_DEGREE, AtomKernelSpec
@@ -76,7 +76,7 @@ def train(
                          ridge=ridge, max_atoms=max_atoms, progress=None,
                          meta={"split_seed": seed, "data": str(path)}, inducing=inducing_choice)
     model.save(out)
-    console.print(f"{out}: {kernel} model of {target} ({model.unit}) on {model.meta.get("n_train", model.n_train)} molecules, "
+    console.print(f"{out}: {kernel} model of {target} ({model.unit}) on {model.meta.get('n_train', model.n_train)} molecules, "
                   f"ridge {model.ridge:g}, {_quadrature_summary(model)}, "
                   f"kernel {model.meta['kernel_seconds']:.1f} s")
     console.print(f"solver: {describe_solver(model.meta.get('solver'))}", markup=False)

@@ -67,6 +67,13 @@ def parse_inducing(value: str | int | None) -> str | int:
     return m
 
 
+def check_inducing(choice: str | int, n: int) -> str | int:
+    """The parsed `--inducing` choice, refused (one line) when it asks for more inducing points than N."""
+    if isinstance(choice, int) and choice > n:
+        raise InputError(f"--inducing {choice} exceeds the {n} training examples")
+    return choice
+
+
 def memory_budget_bytes() -> int:
     """The exact solver's memory budget: 4 GiB, or half the physical memory if that is less."""
     try:
@@ -89,9 +96,7 @@ def plan_solver(n: int, inducing: str | int | None, *, stored_kernels: int, budg
     plan = {"exact_bytes": exact_bytes, "budget_bytes": budget, "n_train": int(n)}
     if choice == "exact":
         return {**plan, "solver": "exact", "inducing": None, "reason": "--inducing exact"}
-    if isinstance(choice, int):
-        if choice > n:
-            raise InputError(f"--inducing {choice} exceeds the {n} training examples")
+    if isinstance(check_inducing(choice, n), int):
         return {**plan, "solver": "nystrom", "inducing": choice, "reason": f"--inducing {choice}"}
     need = f"{exact_bytes / 2 ** 20:.0f} MiB"
     if exact_bytes <= budget:
