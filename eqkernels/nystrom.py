@@ -17,7 +17,9 @@ chosen inducing points K_MN K_NM ≈ (N/M) K_MM². Conjugate gradients run on P�
 β = P u, one CG for all columns of a matrix Y (each column keeps its own step sizes), until the
 relative residual ‖K_MN Y − H β‖ / ‖K_MN Y‖ of every column is at most `tol`. The residual is
 tracked without extra products (the matrix product H P p of each step is accumulated) and
-recomputed from scratch at the end; the recomputed one is reported.
+recomputed from scratch at the end; if rounding let the tracked one drift below `tol` while the
+recomputed one is above it, CG restarts from the current β (up to `RESTARTS` times). The
+recomputed residual is the one reported.
 
 The N×M kernel is computed in row blocks through the cross-kernel functions of each domain
 (`row_blocks`) and held in memory: O(N·M), never the N×N matrix.
@@ -47,6 +49,7 @@ DEFAULT_TOLERANCE = 1e-8                    # relative residual of the normal eq
 DEFAULT_ROW_BLOCK = 512                     # training inputs per block of the N×M kernel
 INITIAL_JITTER = 1e-10                      # relative to mean diag K_MM; raised tenfold until K_MM factors
 MAX_JITTER = 1e-3
+RESTARTS = 3                                # CG restarts when the recomputed residual misses the tolerance
 
 
 # --------------------------------------------------------------------------------------------- choice
@@ -231,20 +234,27 @@ def falkon_solve(k_nm: np.ndarray, k_mm: np.ndarray, y: np.ndarray, *, ridge: fl
     p, rr = r.copy(), np.sum(r * r, axis=0)
     max_iter = max_iter or max(100, 2 * m)
     iterations = 0
-    while iterations < max_iter and np.max(np.linalg.norm(b - h_beta, axis=0) / b_norm) > tol:
-        h_p = normal_matvec(k_nm, k_mm_j, reg, precondition(p))
-        w_p = precondition_t(h_p)
-        denom = np.sum(p * w_p, axis=0)
-        step = np.where(denom > 0, rr / np.where(denom > 0, denom, 1.0), 0.0)  # a converged column stops
-        u += step * p
-        h_beta += step * h_p
-        r -= step * w_p
-        rr_new = np.sum(r * r, axis=0)
-        p = r + np.where(rr > 0, rr_new / np.where(rr > 0, rr, 1.0), 0.0) * p
-        rr = rr_new
-        iterations += 1
-    beta = precondition(u)
-    residual = float(np.max(np.linalg.norm(b - normal_matvec(k_nm, k_mm_j, reg, beta), axis=0) / b_norm))
+    for _ in range(RESTARTS + 1):
+        while iterations < max_iter and np.max(np.linalg.norm(b - h_beta, axis=0) / b_norm) > tol:
+            h_p = normal_matvec(k_nm, k_mm_j, reg, precondition(p))
+            w_p = precondition_t(h_p)
+            denom = np.sum(p * w_p, axis=0)
+            step = np.where(denom > 0, rr / np.where(denom > 0, denom, 1.0), 0.0)  # a converged column stops
+            u += step * p
+            h_beta += step * h_p
+            r -= step * w_p
+            rr_new = np.sum(r * r, axis=0)
+            p = r + np.where(rr > 0, rr_new / np.where(rr > 0, rr, 1.0), 0.0) * p
+            rr = rr_new
+            iterations += 1
+        beta = precondition(u)
+        h_beta = normal_matvec(k_nm, k_mm_j, reg, beta)    # the residual from scratch, not the recursion's
+        residual = float(np.max(np.linalg.norm(b - h_beta, axis=0) / b_norm))
+        if residual <= tol or iterations >= max_iter:
+            break
+        # The recursively updated residual drifted below tol while the true one did not: restart CG from β.
+        r = precondition_t(b - h_beta)
+        p, rr = r.copy(), np.sum(r * r, axis=0)
     return NystromSolution(beta.reshape((m,) + y.shape[1:]), float(ridge), float(reg), float(jitter), iterations,
                            residual, float(tol), bool(residual <= tol))
 

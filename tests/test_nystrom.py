@@ -90,6 +90,23 @@ def test_cg_reaches_the_residual_it_reports(problem):
     assert short.residual == pytest.approx(residuals(short).max(), rel=1e-6) and short.residual > 1e-12
 
 
+def test_cg_restarts_when_its_recursive_residual_drifts():
+    """Gaussian kernel on 300 random points, M = 130, ridge 1e-6, tol 1e-10: the recursively updated residual
+    fell below tol after 139 steps while the recomputed one was 1.03e-10 (the first version stopped there,
+    not converged); restarting CG from β reaches it (recomputed here with numpy)."""
+    rng = np.random.default_rng(0)
+    m, d, width = int(rng.integers(20, 150)), int(rng.integers(2, 8)), float(rng.uniform(1, 30))
+    x = rng.standard_normal((300, d))
+    k = np.exp(-((x[:, None] - x[None]) ** 2).sum(-1) / width)
+    idx, y = uniform_inducing(300, m, 0), rng.standard_normal((300, 3))
+    k_nm, k_mm = k[:, idx], k[np.ix_(idx, idx)]
+    sol = falkon_solve(k_nm, k_mm, y, ridge=1e-6, tol=1e-10)
+    scale = float(np.mean(np.diag(k_mm)))
+    h = k_nm.T @ k_nm + sol.reg * (k_mm + sol.jitter * scale * np.eye(m))
+    b = k_nm.T @ y
+    assert sol.converged and np.max(np.linalg.norm(b - h @ sol.coef, axis=0) / np.linalg.norm(b, axis=0)) <= 1e-10
+
+
 def test_dtc_variance_matches_its_closed_form_and_the_exact_posterior(problem):
     """DTC σ²(x) = K_xx − K_xM K_MM⁻¹ K_Mx + λ K_xM (K_MN K_NM + λ K_MM)⁻¹ K_Mx by np.linalg.solve (same jitter),
     ≥ 0; at M = N it is the exact NNGP posterior variance (`GaussianPosterior`, N×N Cholesky).
