@@ -373,8 +373,7 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
               centre_inputs: bool = True, meta: dict | None = None, inducing: str | int | None = None) -> MoleculeModel:
     """Fit the NTK regression (t = ∞, ridge by leave-one-out if None) on the training molecules.
 
-    `inducing` ('auto', 'exact' or M; None: exact, no choice recorded): exact KRR or Nyström-CG
-    (`eqkernels.nystrom.plan_solver`, `pipelines.molecules_nystrom`).
+    `inducing`: 'auto', 'exact' or M (Nyström-CG, `pipelines.molecules_nystrom`); None: exact, unrecorded.
 
     `centre_inputs` subtracts the training mean of every channel's degree-0 coefficient. Without it
     every per-atom kernel value carries a large common positive part, the molecule kernel is close
@@ -413,27 +412,21 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
     mk = MoleculeKernel(kernel_spec, env_spec.l_max, progress=progress)
     n_check = min(INVARIANCE_CHECK_MOLECULES, len(train))
     parts = {"x": x, "mol": mol, "scale": scale, "l0_mean": l0_mean, "env_spec": env_spec}
+    q_errors = quadrature_errors(kernel_spec, error_sample(x, mol))
     plan = None if inducing is None else plan_solver(len(train), inducing, stored_kernels=NYSTROM_STORED_KERNELS)
-    if plan is not None and plan["solver"] == "nystrom":
-        q_errors = quadrature_errors(kernel_spec, error_sample(x, mol))
-        motion = lambda xi, mi, k: _kernel_change_under_motion(  # noqa: E731
-            mk, dict(parts, x=xi, mol=mi), train.subset(np.arange(n_check)), k[:n_check])
-        fit = fit_nystrom(mk, train, x, mol, residual, plan, ridge=ridge, kernel_error=q_errors["max"], motion=motion,
-                          seed=int((meta or {}).get("split_seed", 0)))
-        ridge, alpha, change, k_rows, plan = fit["ridge"], fit["coef"], fit["change"], fit["k_nm"], fit["solver"]
-        x, mol, residual = fit["x"], fit["mol"], residual[fit["idx"]]  # the model keeps the inducing molecules
+    if plan is not None and plan["solver"] == "nystrom":  # the model keeps the inducing molecules as x, mol
+        x, mol, residual, ridge, alpha, change, k_rows, plan = fit_nystrom(
+            mk, train, parts, residual, plan, ridge=ridge, kernel_error=q_errors["max"], n_check=n_check,
+            seed=int((meta or {}).get("split_seed", 0)))
     else:
         k_rows = k_train = mk(x, mol, len(train), description=f"training kernel ({len(train)} molecules)")["ntk"]
-        q_errors = quadrature_errors(kernel_spec, error_sample(x, mol))
         change = _kernel_change_under_motion(mk, parts, train.subset(np.arange(n_check)), k_train[:n_check])
         ridge, alpha = _fit_dual(kernel_spec, k_train, residual, ridge, q_errors["max"], change)
     max_atoms = max_atoms or 2 * int(train.n_atoms.max())
     info = {"n_train": len(train), "train_names": list(train.names)[:5000], "data": train.source,
-            "kernel_seconds": mk.last_seconds, **(meta or {})}
+            "kernel_seconds": mk.last_seconds, **(meta or {}), **({"solver": plan} if plan else {})}
     info.update(quadrature_info(kernel_spec, q_errors))
     info["invariance_error_rel_train"] = prediction_invariance(change, k_rows, alpha)
-    if plan is not None:
-        info["solver"] = plan
     info["dual_l1"] = float(np.sum(np.abs(alpha)))
     return MoleculeModel(target, unit, env_spec, kernel_spec, scale, l0_mean, x, mol, alpha, residual, element_coef,
                          atomrefs, max_atoms, float(ridge), info)

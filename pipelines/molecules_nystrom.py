@@ -40,26 +40,26 @@ def inducing_ntk(kernel: MoleculeKernel, x: np.ndarray, mol: np.ndarray, n: int,
     return row_blocks(cross, n, block)["ntk"]
 
 
-def fit_nystrom(kernel: MoleculeKernel, train, x: np.ndarray, mol: np.ndarray, residual: np.ndarray, plan: dict, *,
-                ridge: float | None, kernel_error: float, motion, seed: int = 0) -> dict:
-    """Nyström-CG fit of the residual targets (N,): {'idx', 'x', 'mol', 'ridge', 'coef', 'k_nm', 'change', 'solver'}.
+def fit_nystrom(kernel: MoleculeKernel, train, parts: dict, residual: np.ndarray, plan: dict, *,
+                ridge: float | None, kernel_error: float, n_check: int, seed: int = 0) -> tuple:
+    """Nyström-CG fit of the residual targets (N,) with plan['inducing'] inducing molecules.
 
-    `motion(x_ind, mol_ind, k_nm)`: kernel rows of moved minus original training molecules (the first
-    few; their rows of `k_nm` are the originals) against the inducing molecules (see `molecules._kernel_change_under_motion`), for the ridge choice and the reported
-    invariance error.
+    parts: {'x', 'mol', 'scale', 'l0_mean', 'env_spec'} of the N training molecules (as in `molecules.fit_model`).
+    Returns (inducing atoms, their molecule numbers, their residuals, ridge, β (M,), kernel change of the first
+    `n_check` training molecules under motion (n_check, M), K_NM (N, M), solver record).
     """
-    from eqkernels.pipelines.molecules import _fit_dual
+    from eqkernels.pipelines.molecules import _fit_dual, _kernel_change_under_motion
 
-    n = len(train)
+    n, x, mol = len(train), parts["x"], parts["mol"]
     idx = uniform_inducing(n, int(plan["inducing"]), seed)
     k_nm = inducing_ntk(kernel, x, mol, n, idx)
     x_ind, mol_ind = molecule_atoms(x, mol, idx)
-    change = motion(x_ind, mol_ind, k_nm)
+    change = _kernel_change_under_motion(kernel, dict(parts, x=x_ind, mol=mol_ind), train.subset(np.arange(n_check)),
+                                         k_nm[:n_check])
     k_mm = k_nm[idx]
     given = ridge is not None
     ridge, _ = _fit_dual(kernel.spec, k_mm, residual[idx], ridge, kernel_error, change)
     solution = falkon_solve(k_nm, k_mm, residual, ridge=ridge)
-    solver = dict(plan, rule="uniform", seed=int(seed), **solution.info(),
+    solver = dict(plan, rule="uniform", seed=seed, **solution.info(),
                   ridge_rule="given" if given else "leave-one-out on the inducing subproblem")
-    return {"idx": idx, "x": x_ind, "mol": mol_ind, "ridge": float(ridge), "coef": solution.coef, "k_nm": k_nm,
-            "change": change, "solver": solver}
+    return x_ind, mol_ind, residual[idx], float(ridge), solution.coef, change, k_nm, solver
