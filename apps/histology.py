@@ -66,11 +66,16 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     cluster: Optional[str] = cluster_option(),
     scheduler: Optional[str] = scheduler_option(),
+    inducing: str = typer.Option("auto", "--inducing", help="Solver: 'exact' KRR, M inducing points (Nyström-"
+                                 "preconditioned CG), or 'auto': exact while the N×N kernels fit the memory budget, "
+                                 "else M = min(N, 2000)."),
 ):
     """Train a kernel model on histology tiles and write it to one HDF5 file."""
+    from eqkernels.nystrom import check_inducing, describe_solver, parse_inducing
     from eqkernels.pipelines.histology import load_tiles, stratified_split
     from eqkernels.pipelines.histology_model import train_model
 
+    inducing_choice = check_inducing(parse_inducing(inducing), n_train)  # before any data is read
     t_value = parse_time(time_)
     if ridge < 0:
         raise InputError(f"--ridge must be >= 0, got {ridge}")
@@ -90,19 +95,22 @@ def train(
         model, timings = train_model(spec, tiles.subset(train_idx), size=size, ridge=ridge, time=t_value,
                                      learning_rate=learning_rate, checkpoint=checkpoint,
                                      options={"data": str(data), "seed": seed, "n_train": n_train,
-                                              "n_tiles": len(tiles), **resolution}, executor=executor)
+                                              "n_tiles": len(tiles), **resolution}, inducing=inducing_choice,
+                                     executor=executor)
     model.save(out)
     if checkpoint is not None:
         from eqkernels.apps.kernel import remove_checkpoint
 
         remove_checkpoint(checkpoint)
     summary = {"model": str(out), "kernel": spec.name, "n_train": len(train_idx), "size": size,
-               "classes": model.class_names, "seconds": time.perf_counter() - start, **timings}
+               "classes": model.class_names, "seconds": time.perf_counter() - start, **timings,
+               "solver": model.options.get("solver")}
     if as_json:
         print(json.dumps(to_jsonable(summary)))
     else:
         console.print(f"trained [bold]{spec.name}[/] on {len(train_idx)} tiles ({size}×{size} px) in "
                       f"{summary['seconds']:.1f} s (kernel {timings['kernel_s']:.1f} s) → {out}")
+        console.print(f"solver: {describe_solver(model.options.get('solver'))}", markup=False)
 
 
 def _training_resolution(train_mpp: float | None, data: Path, tile_px: int) -> dict:

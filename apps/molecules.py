@@ -45,8 +45,14 @@ def train(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Folder for resumable training-kernel blocks."),
     cluster: Optional[str] = cluster_option(),
     scheduler: Optional[str] = scheduler_option(),
+    inducing: str = typer.Option("auto", "--inducing", help="Solver: 'exact' KRR, M inducing molecules (Nyström-"
+                                 "preconditioned CG), or 'auto': exact while the N×N kernel fits the memory budget, "
+                                 "else M = min(N, 2000)."),
 ):
     """Fit a model on N training molecules and save it."""
+    from eqkernels.nystrom import check_inducing, describe_solver, parse_inducing
+
+    inducing_choice = check_inducing(parse_inducing(inducing), n_train)  # before any data is read
     mp = _pipeline()
     from eqkernels.environments import EnvironmentSpec
     from eqkernels.pipelines.molecules_model import fit_model
@@ -64,17 +70,22 @@ def train(
     if is_tensor_target(target):
         from eqkernels.apps.molecules_tensor import train_tensor
 
+        if inducing_choice != "auto":
+            raise InputError("--inducing applies to scalar targets; tensor models are fitted exactly")
+
         return train_tensor(out, path, target, kernel, n_train, seed, unit, env, spec, ridge, max_atoms)
     mols = mp.load_molecules(path)
     train_idx, _ = mp.split_indices(len(mols), n_train, None, seed)
     with kernel_executor(cluster, scheduler) as executor:
         model = fit_model(mols.subset(train_idx), target, kernel, unit=unit, env_spec=env, kernel_spec=spec,
                           ridge=ridge, max_atoms=max_atoms, progress=None,
-                          meta={"split_seed": seed, "data": str(path)}, checkpoint=checkpoint, executor=executor)
+                          meta={"split_seed": seed, "data": str(path)}, checkpoint=checkpoint, executor=executor,
+                          inducing=inducing_choice)
     model.save(out)
-    console.print(f"{out}: {kernel} model of {target} ({model.unit}) on {model.n_train} molecules, "
+    console.print(f"{out}: {kernel} model of {target} ({model.unit}) on {model.meta.get('n_train', model.n_train)} molecules, "
                   f"ridge {model.ridge:g}, {_quadrature_summary(model)}, "
                   f"kernel {model.meta['kernel_seconds']:.1f} s")
+    console.print(f"solver: {describe_solver(model.meta.get('solver'))}", markup=False)
     if model.meta.get("quadrature_below_default"):
         console.print(f"speed option: quadrature degree {spec.quadrature_degree} is below the default "
                       f"{DEFAULT_QUADRATURE_DEGREE}; predictions move by up to "
@@ -188,7 +199,8 @@ def report(
     result = evaluate(model, test, seed=seed, progress=None)
     curve = learning_curve(model, test, result["k_test"])
     summary = {"model": str(model_path), "target": model.target, "unit": model.unit,
-               "kernel": model.kernel_spec.name, "n_train": model.n_train, "data": str(path),
+               "kernel": model.kernel_spec.name, "n_train": model.meta.get("n_train", model.n_train), "data": str(path),
+               "solver": model.meta.get("solver"),
                **{k: v for k, v in result.items() if k not in ("predictions", "predictions_transformed", "targets", "k_test")},
                "learning_curve": curve, "ridge": model.ridge, "quadrature_degree": model.kernel_spec.quadrature_degree,
                **{k: v for k, v in model.meta.items() if k.startswith("quadrature_")},

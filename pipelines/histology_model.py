@@ -21,7 +21,9 @@ from eqkernels.kernels import ImageKernel, KernelSpec
 from eqkernels.kernels.families import family_diagonal, family_kernels, left_translate
 from eqkernels.kernels.relative import RelativeKernels, group_relative_kernels
 from eqkernels.solvers import GaussianPosterior, centred_one_hot, dual_coefficients, mean_prediction
+from eqkernels.nystrom import plan_solver
 from eqkernels.pipelines.histology import Preprocessing, TileSet
+from eqkernels.pipelines.histology_nystrom import STORED_KERNELS, fit_nystrom
 
 MODEL_KIND = "histology-model"
 MODEL_SCHEMA = 1  # bump when the meaning of stored fields changes
@@ -47,6 +49,18 @@ class HistologyModel:
     dual_coef: np.ndarray             # (N, C): scores = Θ(x, X) @ dual_coef
     posterior_cholesky: np.ndarray    # (N, N): NNGP posterior variance
     options: dict = field(default_factory=dict)
+    # Nyström models (eqkernels.nystrom): train_inputs are the M inducing tiles, dual_coef (M, C),
+    # posterior_cholesky and posterior_system the DTC variance factors (M, M); None: exact model.
+    posterior_system: np.ndarray | None = None
+
+    def posterior(self):
+        """The NNGP posterior-variance factor: exact (GaussianPosterior) or DTC (NystromPosterior)."""
+        if self.posterior_system is None:
+            return GaussianPosterior(self.posterior_cholesky)
+        from eqkernels.nystrom import NystromPosterior
+
+        return NystromPosterior(self.posterior_cholesky, self.posterior_system,
+                                float(self.options["solver"]["posterior_reg"]))
 
     # ------------------------------------------------------------------------------ kernels, predictions
     def kernel(self, progress: bool | None = True) -> ImageKernel:
@@ -73,7 +87,7 @@ class HistologyModel:
         kernels = family_kernels(self.spec, rel)
         scores = mean_prediction(kernels["ntk"], self.dual_coef)
         diag = family_diagonal(self.spec, rel)["nngp"]
-        variance = GaussianPosterior(self.posterior_cholesky).variance(diag, kernels["nngp"])
+        variance = self.posterior().variance(diag, kernels["nngp"])
         return Prediction(scores, np.argmax(scores, axis=1), variance)
 
     def predict(self, images: np.ndarray, *, progress: bool | None = True) -> Prediction:
@@ -88,6 +102,8 @@ class HistologyModel:
         arrays = {"train_inputs": self.train_inputs.astype(np.float32), "train_labels": self.train_labels,
                   "train_fingerprints": self.train_fingerprints, "dual_coef": self.dual_coef,
                   "posterior_cholesky": self.posterior_cholesky}
+        if self.posterior_system is not None:
+            arrays["posterior_system"] = self.posterior_system
         return store.save(path, MODEL_KIND, meta, arrays, version=MODEL_SCHEMA)
 
     @classmethod
@@ -100,13 +116,14 @@ class HistologyModel:
                         class_names=list(meta["class_names"]), train_inputs=arrays["train_inputs"],
                         train_labels=arrays["train_labels"], train_fingerprints=arrays["train_fingerprints"],
                         dual_coef=arrays["dual_coef"], posterior_cholesky=arrays["posterior_cholesky"],
-                        options=dict(meta.get("options", {})))
+                        options=dict(meta.get("options", {})), posterior_system=arrays.get("posterior_system"))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFileError(f"model file lacks or garbles a field ({type(e).__name__}: {e})", path) from None
         if expected_kernel is not None and spec.name != expected_kernel:
             raise ModelFileError(f"model was trained with kernel {spec.name!r}, not {expected_kernel!r}", path)
         n = len(model.train_inputs)
-        if model.dual_coef.shape != (n, len(model.class_names)) or model.posterior_cholesky.shape != (n, n):
+        if (model.dual_coef.shape != (n, len(model.class_names)) or model.posterior_cholesky.shape != (n, n)
+                or (model.posterior_system is not None and model.posterior_system.shape != (n, n))):
             raise ModelFileError("inconsistent array shapes in model file", path)
         return model
 
@@ -127,10 +144,13 @@ def fit_from_kernels(spec: KernelSpec, preprocessing: Preprocessing, train: Tile
 
 def train_model(spec: KernelSpec, train: TileSet, *, size: int, ridge: float = 1e-6, time: float | None = None,
                 learning_rate: float = 1.0, checkpoint: str | Path | None = None, progress: bool | None = True,
-                options: dict | None = None, executor=None) -> tuple[HistologyModel, dict]:
+                options: dict | None = None, inducing: str | int | None = None,
+                executor=None) -> tuple[HistologyModel, dict]:
     """Fit preprocessing and the kernel model on `train`; returns (model, timings in seconds).
 
-    `executor`: where the train × train kernel blocks run (None: in-process; see `eqkernels.blocks`)."""
+    `inducing` ('auto', 'exact' or M; None: exact, no choice recorded): see `eqkernels.nystrom.plan_solver`.
+    `executor`: where the kernel blocks run (None: in-process; see `eqkernels.blocks`).
+    """
     if len(set(train.labels.tolist())) < 2:
         raise InputError("training data must contain at least two classes")
     spec.net.check_input_size(size)
@@ -143,16 +163,22 @@ def train_model(spec: KernelSpec, train: TileSet, *, size: int, ridge: float = 1
     preprocessing = Preprocessing.fit(train.images, size)
     inputs = preprocessing(train.images)
     t1 = _time.perf_counter()
-    kernels = ImageKernel(spec, progress=progress)(inputs, checkpoint=checkpoint, description="train × train kernel",
-                                                   executor=executor)
-    t2 = _time.perf_counter()
-    model = fit_from_kernels(spec, preprocessing, train, inputs, kernels, ridge=ridge, time=time,
-                             learning_rate=learning_rate, options=options or {})
+    plan = None if inducing is None else plan_solver(len(inputs), inducing, stored_kernels=STORED_KERNELS)
+    if plan is not None and plan["solver"] == "nystrom":
+        model, timings = fit_nystrom(spec, preprocessing, train, inputs, plan, ridge=ridge, time=time,
+                                     seed=int((options or {}).get("seed", 0)), checkpoint=checkpoint,
+                                     progress=progress, options=options, executor=executor)
+    else:
+        kernels = ImageKernel(spec, progress=progress)(inputs, checkpoint=checkpoint,
+                                                       description="train × train kernel", executor=executor)
+        t2 = _time.perf_counter()
+        model = fit_from_kernels(spec, preprocessing, train, inputs, kernels, ridge=ridge, time=time,
+                                 learning_rate=learning_rate, options=dict(options or {}, **({"solver": plan} if plan else {})))
+        timings = {"kernel_s": t2 - t1, "solve_s": _time.perf_counter() - t2}
     t3 = _time.perf_counter()
     if spec.interpolated:
         model.options["invariance_error"] = kernel_invariance_error(spec, inputs, progress=progress)
-    return model, {"preprocess_s": t1 - t0, "kernel_s": t2 - t1, "solve_s": t3 - t2,
-                   "invariance_check_s": _time.perf_counter() - t3}
+    return model, {"preprocess_s": t1 - t0, **timings, "invariance_check_s": _time.perf_counter() - t3}
 
 
 def kernel_invariance_error(spec: KernelSpec, inputs: np.ndarray, *, probes: int = 4, references: int = 32,

@@ -19,6 +19,8 @@ from eqkernels.pipelines.molecules import (NATIVE_UNITS, PROPERTY_NAMES, Molecul
                                            normalise_features, transformed_copies)
 from eqkernels.so3 import DEFAULT_QUADRATURE_DEGREE, KERNEL_NAMES, AtomKernelSpec, quadrature_errors
 from eqkernels.solvers import mean_prediction, select_ridge_loo, solve_ridge_eigh
+from eqkernels.nystrom import plan_solver
+from eqkernels.pipelines.molecules_nystrom import STORED_KERNELS as NYSTROM_STORED_KERNELS, fit_nystrom
 
 MODEL_KIND = "molecule-model"
 MODEL_VERSION = 1
@@ -55,7 +57,7 @@ def error_sample(x: np.ndarray, mol: np.ndarray, max_atoms: int = 64) -> np.ndar
     return x[:int(fits[-1] if len(fits) else ends[0])]
 
 
-def _kernel_change_under_motion(mk: MoleculeKernel, model_parts: dict, mols: MoleculeSet, k_rows: np.ndarray,
+def kernel_change_under_motion(mk: MoleculeKernel, model_parts: dict, mols: MoleculeSet, k_rows: np.ndarray,
                                 seed: int = 5) -> np.ndarray:
     """K(moved copies of `mols`, training) − K(`mols`, training), (len(mols), N): rotated, translated, permuted.
 
@@ -207,7 +209,7 @@ def quadrature_figures(meta: dict) -> dict:
     return {k: meta.get(k) for k in keys}
 
 
-def _fit_dual(spec: AtomKernelSpec, k_train: np.ndarray, residual: np.ndarray, ridge: float | None,
+def fit_dual(spec: AtomKernelSpec, k_train: np.ndarray, residual: np.ndarray, ridge: float | None,
               kernel_error: float, change: np.ndarray) -> tuple[float, np.ndarray]:
     """(ridge, dual coefficients (N,)): the given ridge, or leave-one-out above `ridge_floor(kernel_error)`.
 
@@ -226,33 +228,8 @@ def _fit_dual(spec: AtomKernelSpec, k_train: np.ndarray, residual: np.ndarray, r
     return ridge, alpha
 
 
-def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *, unit: str | None = None,
-              env_spec: EnvironmentSpec | None = None, kernel_spec: AtomKernelSpec | None = None,
-              ridge: float | None = None, max_atoms: int | None = None, progress: bool | None = None,
-              centre_inputs: bool = True, meta: dict | None = None, checkpoint=None, executor=None) -> MoleculeModel:
-    """Fit the NTK regression (t = ∞, ridge by leave-one-out if None) on the training molecules.
-
-    `checkpoint`: folder for resumable training-kernel blocks; `executor`: where they run (None: in-process).
-
-    `centre_inputs` subtracts the training mean of every channel's degree-0 coefficient. Without it
-    every per-atom kernel value carries a large common positive part, the molecule kernel is close
-    to (counts)(counts)ᵀ, and the dual coefficients grow large and cancel, which also amplifies the
-    SO(3) quadrature error in the predictions.
-    """
-    if target not in PROPERTY_NAMES:
-        raise InputError(f"unknown target {target!r}; choose one of {', '.join(PROPERTY_NAMES)}")
-    if kernel not in KERNEL_NAMES:
-        raise InputError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNEL_NAMES)}")
-    unit = unit or default_unit(target)
-    if NATIVE_UNITS[target] == "Ha":
-        energy_factor(unit)
-    elif unit != NATIVE_UNITS[target]:
-        raise InputError(f"{target} is in {NATIVE_UNITS[target]}; it cannot be given in {unit}")
-    env_spec = env_spec or EnvironmentSpec()
-    kernel_spec = kernel_spec or AtomKernelSpec(kernel)
-    check_molecules(train, env_spec.elements, path=train.source)
-    if target not in train.properties or not np.all(np.isfinite(train.properties[target])):
-        raise InputError(f"the training data has no (or missing) {target!r} values", train.source)
+def baseline_fit(train: MoleculeSet, target: str, unit: str, env_spec: EnvironmentSpec):
+    """(atom references per element or None, per-element linear coefficients (E,), residual targets (N,)), in `unit`."""
     y = convert_units(train.properties[target], NATIVE_UNITS[target], unit)
     counts = train.element_counts(env_spec.elements)
     atomrefs = None
@@ -263,24 +240,68 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
     # Per-element linear fit (tiny ridge: elements absent from the training set get coefficient 0).
     a = counts.T @ counts + 1e-8 * np.eye(counts.shape[1])
     element_coef = np.linalg.solve(a, counts.T @ y)
-    residual = y - counts @ element_coef
+    return atomrefs, element_coef, y - counts @ element_coef
+
+
+def _check_fit_request(train: MoleculeSet, target: str, kernel: str, unit: str | None,
+                       env_spec: EnvironmentSpec) -> str:
+    """The unit to fit in; one-line refusals of unknown targets, kernels, units and missing values."""
+    if target not in PROPERTY_NAMES:
+        raise InputError(f"unknown target {target!r}; choose one of {', '.join(PROPERTY_NAMES)}")
+    if kernel not in KERNEL_NAMES:
+        raise InputError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNEL_NAMES)}")
+    unit = unit or default_unit(target)
+    if NATIVE_UNITS[target] == "Ha":
+        energy_factor(unit)
+    elif unit != NATIVE_UNITS[target]:
+        raise InputError(f"{target} is in {NATIVE_UNITS[target]}; it cannot be given in {unit}")
+    check_molecules(train, env_spec.elements, path=train.source)
+    if target not in train.properties or not np.all(np.isfinite(train.properties[target])):
+        raise InputError(f"the training data has no (or missing) {target!r} values", train.source)
+    return unit
+
+
+def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *, unit: str | None = None,
+              env_spec: EnvironmentSpec | None = None, kernel_spec: AtomKernelSpec | None = None,
+              ridge: float | None = None, max_atoms: int | None = None, progress: bool | None = None,
+              centre_inputs: bool = True, meta: dict | None = None, checkpoint=None, executor=None,
+              inducing: str | int | None = None) -> MoleculeModel:
+    """Fit the NTK regression (t = ∞, ridge by leave-one-out if None) on the training molecules.
+
+    `checkpoint`: folder for resumable training-kernel blocks; `executor`: where they run (None: in-process).
+    `inducing`: 'auto', 'exact' or M (Nyström-CG, `pipelines.molecules_nystrom`); None: exact, unrecorded.
+
+    `centre_inputs` subtracts the training mean of every channel's degree-0 coefficient. Without it
+    every per-atom kernel value carries a large common positive part, the molecule kernel is close
+    to (counts)(counts)ᵀ, and the dual coefficients grow large and cancel, which also amplifies the
+    SO(3) quadrature error in the predictions.
+    """
+    env_spec = env_spec or EnvironmentSpec()
+    unit = _check_fit_request(train, target, kernel, unit, env_spec)
+    kernel_spec = kernel_spec or AtomKernelSpec(kernel)
+    atomrefs, element_coef, residual = baseline_fit(train, target, unit, env_spec)
     x, mol = atom_environments(env_spec, train.numbers, train.positions)
     scale = channel_scales(env_spec, x)
     l0_mean = np.mean(x[:, :, 0] * scale[None, :], axis=0) if centre_inputs else np.zeros(len(scale))
     x = normalise_features(x, scale, l0_mean)
     mk = MoleculeKernel(kernel_spec, env_spec.l_max, progress=progress)
-    k_train = mk(x, mol, len(train), description=f"training kernel ({len(train)} molecules)", checkpoint=checkpoint,
-                 executor=executor)["ntk"]
-    q_errors = quadrature_errors(kernel_spec, error_sample(x, mol))
     n_check = min(INVARIANCE_CHECK_MOLECULES, len(train))
     parts = {"x": x, "mol": mol, "scale": scale, "l0_mean": l0_mean, "env_spec": env_spec}
-    change = _kernel_change_under_motion(mk, parts, train.subset(np.arange(n_check)), k_train[:n_check])
-    ridge, alpha = _fit_dual(kernel_spec, k_train, residual, ridge, q_errors["max"], change)
-    max_atoms = max_atoms or 2 * int(train.n_atoms.max())
+    q_errors = quadrature_errors(kernel_spec, error_sample(x, mol))
+    plan = None if inducing is None else plan_solver(len(train), inducing, stored_kernels=NYSTROM_STORED_KERNELS)
+    if plan is not None and plan["solver"] == "nystrom":  # the model keeps the inducing molecules as x, mol
+        x, mol, residual, ridge, alpha, change, k_rows, plan = fit_nystrom(
+            mk, train, parts, residual, plan, ridge=ridge, kernel_error=q_errors["max"], n_check=n_check,
+            seed=int((meta or {}).get("split_seed", 0)), executor=executor)
+    else:
+        k_rows = k_train = mk(x, mol, len(train), description=f"training kernel ({len(train)} molecules)",
+                              checkpoint=checkpoint, executor=executor)["ntk"]
+        change = kernel_change_under_motion(mk, parts, train.subset(np.arange(n_check)), k_train[:n_check])
+        ridge, alpha = fit_dual(kernel_spec, k_train, residual, ridge, q_errors["max"], change)
     info = {"n_train": len(train), "train_names": list(train.names)[:5000], "data": train.source,
-            "kernel_seconds": mk.last_seconds, **(meta or {})}
+            "kernel_seconds": mk.last_seconds, **(meta or {}), **({"solver": plan} if plan else {})}
     info.update(quadrature_info(kernel_spec, q_errors))
-    info["invariance_error_rel_train"] = prediction_invariance(change, k_train, alpha)
+    info["invariance_error_rel_train"] = prediction_invariance(change, k_rows, alpha)
     info["dual_l1"] = float(np.sum(np.abs(alpha)))
     return MoleculeModel(target, unit, env_spec, kernel_spec, scale, l0_mean, x, mol, alpha, residual, element_coef,
-                         atomrefs, max_atoms, float(ridge), info)
+                         atomrefs, max_atoms or 2 * int(train.n_atoms.max()), float(ridge), info)
