@@ -183,3 +183,25 @@ def test_missing_file_and_bad_options(model_file, tmp_path, capsys):
     code, _, err = _run(["molecules", "report", str(model_file), "--out", str(tmp_path / "r"), "--data",
                          str(tmp_path / "nope.db")], capsys)
     assert code == 2 and "nope.db: no such file" in err and not (tmp_path / "r").exists()
+
+
+def test_kernel_seconds_is_the_training_kernels_time_not_the_invariance_checks(monkeypatch):
+    """`kernel_seconds` in the model meta is the time of the N×N training kernel: the stats of the
+    first kernel call, recorded here by wrapping `MoleculeKernel.compute`; the invariance check that
+    follows on the same kernel object (8 molecules × N) must not overwrite it (it did before)."""
+    from eqkernels.molecule_kernel import MoleculeKernel
+    from eqkernels.pipelines.molecules_model import fit_model
+    from eqkernels.so3 import AtomKernelSpec
+
+    calls, compute = [], MoleculeKernel.compute
+
+    def recording(self, *args, **kwargs):
+        out = compute(self, *args, **kwargs)
+        calls.append((kwargs.get("description") or "", out.stats.seconds))
+        return out
+
+    monkeypatch.setattr(MoleculeKernel, "compute", recording)
+    mols = mp.load_molecules(QM9_SAMPLE).subset(np.arange(30))
+    model = fit_model(mols, "U0", "mlp", kernel_spec=AtomKernelSpec("mlp"), progress=False)
+    assert calls[0][0].startswith("training kernel") and len(calls) >= 2
+    assert model.meta["kernel_seconds"] == calls[0][1] != calls[-1][1]
