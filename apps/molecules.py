@@ -42,6 +42,12 @@ def train(
     ridge: Optional[float] = typer.Option(None, "--ridge", help="Relative ridge; default: chosen by leave-one-out."),
     max_atoms: Optional[int] = typer.Option(None, "--max-atoms", help="Largest molecule the model accepts "
                                             "(default: twice the largest training molecule)."),
+    reduction: Optional[str] = typer.Option(None, "--reduction", help="sum | mean: the per-atom kernel summed over "
+                                            "atom pairs (extensive) or averaged (intensive). Default: mean for homo, "
+                                            "lumo, gap, mu; sum otherwise."),
+    tune: bool = typer.Option(False, "--tune", help="Choose depth, bias, cutoff, radial channels, angular width, "
+                              "l_max, NTK/NNGP and ridge by 5-fold CV on the training set within --budget."),
+    budget: float = typer.Option(600.0, "--budget", help="Seconds for --tune (search and final fit)."),
 ):
     """Fit a model on N training molecules and save it."""
     mp = _pipeline()
@@ -63,13 +69,26 @@ def train(
         return train_tensor(out, path, target, kernel, n_train, seed, unit, env, spec, ridge, max_atoms)
     mols = mp.load_molecules(path)
     train_idx, _ = mp.split_indices(len(mols), n_train, None, seed)
+    reduction = reduction or mp.default_reduction(target)
+    if reduction not in ("sum", "mean"):
+        raise InputError(f"--reduction must be sum or mean, got {reduction!r}")
+    choice, meta = {}, {"split_seed": seed, "data": str(path)}
+    if tune:
+        from eqkernels.pipelines.molecules_tune import tune as run_tune, tuned_meta
+
+        found = run_tune(mols.subset(train_idx), target, kernel, budget_seconds=budget, unit=unit, env=env, spec=spec,
+                         reduction=reduction)
+        env, spec, ridge = found["env"], found["kernel_spec"], ridge or found["ridge"]
+        choice, meta = {"kernel_output": found["kernel_output"]}, {**meta, **tuned_meta(found)}
     model = mp.fit_model(mols.subset(train_idx), target, kernel, unit=unit, env_spec=env, kernel_spec=spec,
-                         ridge=ridge, max_atoms=max_atoms, progress=None,
-                         meta={"split_seed": seed, "data": str(path)})
+                         ridge=ridge, max_atoms=max_atoms, progress=None, meta=meta, reduction=reduction, **choice)
     model.save(out)
     console.print(f"{out}: {kernel} model of {target} ({model.unit}) on {model.n_train} molecules, "
                   f"ridge {model.ridge:g}, {_quadrature_summary(model)}, "
-                  f"kernel {model.meta['kernel_seconds']:.1f} s")
+                  f"kernel {model.meta['kernel_seconds']:.1f} s, {model.reduction} over atom pairs")
+    if tune:
+        console.print(f"--tune: {model.meta['kernel_output']}, CV MAE {model.meta['tune']['cv_mae']:.4g} "
+                      f"{model.unit} ({len(model.meta['tune']['trials'])} settings, {model.meta['tune']['seconds']:.0f} s)")
     if model.meta.get("quadrature_below_default"):
         console.print(f"speed option: quadrature degree {spec.quadrature_degree} is below the default "
                       f"{DEFAULT_QUADRATURE_DEGREE}; predictions move by up to "
