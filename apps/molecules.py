@@ -64,6 +64,8 @@ def train(
     from eqkernels.pipelines.molecules_tensor import is_tensor_target
 
     if is_tensor_target(target):
+        if tune or reduction:
+            raise InputError(f"--tune and --reduction are for scalar targets, not the tensor {target!r}")
         from eqkernels.apps.molecules_tensor import train_tensor
 
         return train_tensor(out, path, target, kernel, n_train, seed, unit, env, spec, ridge, max_atoms)
