@@ -48,6 +48,12 @@ def train(
     inducing: str = typer.Option("auto", "--inducing", help="Solver: 'exact' KRR, M inducing molecules (Nyström-"
                                  "preconditioned CG), or 'auto': exact while the N×N kernel fits the memory budget, "
                                  "else M = min(N, 2000)."),
+    reduction: Optional[str] = typer.Option(None, "--reduction", help="sum | mean: the per-atom kernel summed over "
+                                            "atom pairs (extensive) or averaged (intensive). Default: mean for homo, "
+                                            "lumo, gap, mu; sum otherwise."),
+    tune: bool = typer.Option(False, "--tune", help="Choose depth, bias, cutoff, radial channels, angular width, "
+                              "l_max, NTK/NNGP and ridge by 5-fold CV on the training set within --budget."),
+    budget: float = typer.Option(600.0, "--budget", help="Seconds for --tune (search and final fit)."),
 ):
     """Fit a model on N training molecules and save it."""
     from eqkernels.nystrom import check_inducing, describe_solver, parse_inducing
@@ -55,7 +61,7 @@ def train(
     inducing_choice = check_inducing(parse_inducing(inducing), n_train)  # before any data is read
     mp = _pipeline()
     from eqkernels.environments import EnvironmentSpec
-    from eqkernels.pipelines.molecules_model import fit_model
+    from eqkernels.pipelines.molecules_model import default_reduction, fit_model
     from eqkernels.so3 import DEFAULT_QUADRATURE_DEGREE, AtomKernelSpec
 
     try:
@@ -68,6 +74,8 @@ def train(
     from eqkernels.pipelines.molecules_tensor import is_tensor_target
 
     if is_tensor_target(target):
+        if tune or reduction:
+            raise InputError(f"--tune and --reduction are for scalar targets, not the tensor {target!r}")
         from eqkernels.apps.molecules_tensor import train_tensor
 
         if inducing_choice != "auto":
@@ -76,15 +84,28 @@ def train(
         return train_tensor(out, path, target, kernel, n_train, seed, unit, env, spec, ridge, max_atoms)
     mols = mp.load_molecules(path)
     train_idx, _ = mp.split_indices(len(mols), n_train, None, seed)
+    reduction = reduction or default_reduction(target)
+    if reduction not in ("sum", "mean"):
+        raise InputError(f"--reduction must be sum or mean, got {reduction!r}")
+    choice, meta = {}, {"split_seed": seed, "data": str(path)}
+    if tune:
+        from eqkernels.pipelines.molecules_tune import tune as run_tune, tuned_meta
+
+        found = run_tune(mols.subset(train_idx), target, kernel, budget_seconds=budget, unit=unit, env=env, spec=spec,
+                         reduction=reduction)
+        env, spec, ridge = found["env"], found["kernel_spec"], ridge or found["ridge"]
+        choice, meta = {"kernel_output": found["kernel_output"]}, {**meta, **tuned_meta(found)}
     with kernel_executor(cluster, scheduler) as executor:
         model = fit_model(mols.subset(train_idx), target, kernel, unit=unit, env_spec=env, kernel_spec=spec,
-                          ridge=ridge, max_atoms=max_atoms, progress=None,
-                          meta={"split_seed": seed, "data": str(path)}, checkpoint=checkpoint, executor=executor,
-                          inducing=inducing_choice)
+                          ridge=ridge, max_atoms=max_atoms, progress=None, meta=meta, checkpoint=checkpoint,
+                          executor=executor, inducing=inducing_choice, reduction=reduction, **choice)
     model.save(out)
     console.print(f"{out}: {kernel} model of {target} ({model.unit}) on {model.meta.get('n_train', model.n_train)} molecules, "
                   f"ridge {model.ridge:g}, {_quadrature_summary(model)}, "
-                  f"kernel {model.meta['kernel_seconds']:.1f} s")
+                  f"kernel {model.meta['kernel_seconds']:.1f} s, {model.reduction} over atom pairs")
+    if tune:
+        console.print(f"--tune: {model.meta['kernel_output']}, CV MAE {model.meta['tune']['cv_mae']:.4g} "
+                      f"{model.unit} ({len(model.meta['tune']['trials'])} settings, {model.meta['tune']['seconds']:.0f} s)")
     console.print(f"solver: {describe_solver(model.meta.get('solver'))}", markup=False)
     if model.meta.get("quadrature_below_default"):
         console.print(f"speed option: quadrature degree {spec.quadrature_degree} is below the default "

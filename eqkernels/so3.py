@@ -345,7 +345,8 @@ def gcnn_self_variances(spec: AtomKernelSpec, x, wigner, weights, filter_band_li
     trace_f = jnp.asarray(_identity_flat(filter_band_limit), wigner.dtype)
     sw2, sb2 = spec.weight_std ** 2, spec.bias_std ** 2
     fourier = self_fourier(x, l_max)                                            # (n, P)
-    k = _gcnn_lift(spec, fourier @ wigner.T, x.shape[1]) + sb2                  # (n, Q)
+    # the grid's Wigner entries go up to max(L, F): the lifting uses the signal's degrees ≤ L only
+    k = _gcnn_lift(spec, fourier @ wigner[:, :fourier.shape[-1]].T, x.shape[1]) + sb2  # (n, Q)
     var = _gcnn_lift(spec, fourier @ jnp.asarray(_identity_flat(l_max), wigner.dtype), x.shape[1]) + sb2
     variances = [var]
     for _ in range(spec.depth):
@@ -373,7 +374,7 @@ def so3gcnn_kernels(spec: AtomKernelSpec, x1, x2, var1, var2, wigner, weights, f
     pf = n_fourier(filter_band_limit)
     wigner_f, mult_f = wigner[:, :pf], jnp.asarray(degree_multiplicities(filter_band_limit), wigner.dtype)
     sw2, sb2 = spec.weight_std ** 2, spec.bias_std ** 2
-    k = _gcnn_lift(spec, pair_fourier(x1, x2, l_max) @ wigner.T, x1.shape[1]) + sb2   # (n1, n2, Q)
+    k = _gcnn_lift(spec, pair_fourier(x1, x2, l_max) @ wigner[:, :n_fourier(l_max)].T, x1.shape[1]) + sb2  # (n1, n2, Q)
     theta = k
     for layer in range(spec.depth):
         kt, kd = moments(spec.activation, k, var1[layer][:, None, None], var2[layer][None, :, None])

@@ -20,6 +20,7 @@ from eqkernels.pipelines.molecules import (NATIVE_UNITS, PROPERTY_NAMES, Molecul
                                            normalise_features, transformed_copies)
 from eqkernels.so3 import DEFAULT_QUADRATURE_DEGREE, KERNEL_NAMES, AtomKernelSpec, quadrature_errors
 from eqkernels.solvers import mean_prediction, select_ridge_loo, solve_ridge_eigh
+from eqkernels.tuning import REDUCTIONS, reduce_kernel
 from eqkernels.nystrom import plan_solver
 from eqkernels.pipelines.molecules_nystrom import STORED_KERNELS as NYSTROM_STORED_KERNELS, fit_nystrom
 
@@ -70,7 +71,8 @@ def kernel_change_under_motion(mk: MoleculeKernel, model_parts: dict, mols: Mole
     xm, molm = atom_environments(p["env_spec"], moved.numbers, moved.positions)
     xm = normalise_features(xm, p["scale"], p["l0_mean"])
     n_train = int(p["mol"].max()) + 1
-    k_moved = mk(xm, molm, len(mols), p["x"], p["mol"], n_train, description="invariance check")["ntk"]
+    k_moved = mk(xm, molm, len(mols), p["x"], p["mol"], n_train, description="invariance check")
+    k_moved = molecule_kernel_values(k_moved, p, moved.n_atoms, np.bincount(p["mol"], minlength=n_train))
     return k_moved - k_rows
 
 
@@ -79,6 +81,26 @@ def prediction_invariance(change: np.ndarray, k_train: np.ndarray, alpha: np.nda
     scale = float(np.sqrt(np.mean((k_train @ alpha) ** 2))) or 1.0
     return float(np.max(np.abs(change @ alpha))) / scale
 
+
+
+INTENSIVE_TARGETS = ("homo", "lumo", "gap", "mu")  # do not grow with the molecule: kernel mean over atom pairs
+
+
+def default_reduction(target: str) -> str:
+    """'mean' for the intensive targets (orbital energies, dipole norm), 'sum' for the rest (extensive)."""
+    return "mean" if target in INTENSIVE_TARGETS else "sum"
+
+
+def baseline_inputs(counts: np.ndarray, reduction: str) -> np.ndarray:
+    """Inputs of the linear baseline, (N, E): element counts ('sum': extensive) or fractions ('mean': intensive)."""
+    return counts if reduction == "sum" else counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+
+
+def molecule_kernel_values(kernels: dict, choice: dict, n_atoms1, n_atoms2) -> np.ndarray:
+    """The regression kernel from a MoleculeKernel result: choice['kernel_output'] ('ntk' unless given),
+    reduced over atom pairs by choice['atom_reduction'] ('sum' unless given), (N1, N2)."""
+    k = kernels[choice.get("kernel_output", "ntk")]
+    return reduce_kernel(k, choice.get("atom_reduction", "sum"), n_atoms1, n_atoms2)
 
 
 @dataclass
@@ -112,19 +134,26 @@ class MoleculeModel:
         x, mol = atom_environments(self.env_spec, mols.numbers, mols.positions)
         return normalise_features(x, self.channel_scale, self.l0_mean), mol
 
+    @property
+    def reduction(self) -> str:
+        """'sum' over atom pairs (extensive targets) or 'mean' (intensive: `eqkernels.tuning.atom_mean_kernel`)."""
+        return self.meta.get("atom_reduction", "sum")
+
     def baseline(self, mols: MoleculeSet) -> np.ndarray:
         """The part of the prediction that is not learned by the kernel: atom references + linear fit."""
         counts = mols.element_counts(self.env_spec.elements)
-        base = counts @ self.element_coef
+        base = baseline_inputs(counts, self.reduction) @ self.element_coef
         if self.atomrefs is not None:
             base = base + counts @ np.array([self.atomrefs[z] for z in self.env_spec.elements])
         return base
 
     def test_kernel(self, mols: MoleculeSet, progress: bool | None = None, executor=None) -> np.ndarray:
-        """NTK between molecules and the training molecules, (len(mols), N); `executor`: where blocks run."""
+        """Regression kernel (NTK or NNGP, summed or averaged over atom pairs as fitted) between molecules and
+        the training molecules, (len(mols), N); `executor`: where blocks run."""
         x, mol = self.features(mols)
-        return self.kernel(progress)(x, mol, len(mols), self.x_train, self.mol_train, self.n_train, executor=executor,
-                                     description=f"predicting {len(mols)} molecules")["ntk"]
+        k = self.kernel(progress)(x, mol, len(mols), self.x_train, self.mol_train, self.n_train, executor=executor,
+                                  description=f"predicting {len(mols)} molecules")
+        return molecule_kernel_values(k, self.meta, mols.n_atoms, np.bincount(self.mol_train, minlength=self.n_train))
 
     def predict_parts(self, mols: MoleculeSet, *, check: bool = True, path=None, progress: bool | None = None,
                       k_test: np.ndarray | None = None, executor=None):
@@ -229,65 +258,79 @@ def fit_dual(spec: AtomKernelSpec, k_train: np.ndarray, residual: np.ndarray, ri
     return ridge, alpha
 
 
-def baseline_fit(train: MoleculeSet, target: str, unit: str, env_spec: EnvironmentSpec):
-    """(atom references per element or None, per-element linear coefficients (E,), residual targets (N,)), in `unit`."""
-    y = convert_units(train.properties[target], NATIVE_UNITS[target], unit)
-    counts = train.element_counts(env_spec.elements)
-    atomrefs = None
-    if target in ATOMREF_TARGETS:
-        refs = atom_references()[target]
-        atomrefs = {z: float(convert_units(refs[z], "Ha", unit)) for z in env_spec.elements}
-        y = y - counts @ np.array([atomrefs[z] for z in env_spec.elements])
-    # Per-element linear fit (tiny ridge: elements absent from the training set get coefficient 0).
-    a = counts.T @ counts + 1e-8 * np.eye(counts.shape[1])
-    element_coef = np.linalg.solve(a, counts.T @ y)
-    return atomrefs, element_coef, y - counts @ element_coef
-
-
-def _check_fit_request(train: MoleculeSet, target: str, kernel: str, unit: str | None,
-                       env_spec: EnvironmentSpec) -> str:
-    """The unit to fit in; one-line refusals of unknown targets, kernels, units and missing values."""
-    if target not in PROPERTY_NAMES:
-        raise InputError(f"unknown target {target!r}; choose one of {', '.join(PROPERTY_NAMES)}")
-    if kernel not in KERNEL_NAMES:
-        raise InputError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNEL_NAMES)}")
+def training_residual(train: MoleculeSet, target: str, unit: str | None, elements: tuple[int, ...],
+                      reduction: str = "sum") -> tuple[str, np.ndarray, np.ndarray, dict | None]:
+    """(unit, residual (N,), per-element coefficients (E,), atom references or None): the target in `unit`
+    (default: `default_unit`) minus the atom references (energies) and a linear fit on `baseline_inputs`."""
     unit = unit or default_unit(target)
     if NATIVE_UNITS[target] == "Ha":
         energy_factor(unit)
     elif unit != NATIVE_UNITS[target]:
         raise InputError(f"{target} is in {NATIVE_UNITS[target]}; it cannot be given in {unit}")
-    check_molecules(train, env_spec.elements, path=train.source)
     if target not in train.properties or not np.all(np.isfinite(train.properties[target])):
         raise InputError(f"the training data has no (or missing) {target!r} values", train.source)
-    return unit
+    y = convert_units(train.properties[target], NATIVE_UNITS[target], unit)
+    counts = train.element_counts(elements)
+    atomrefs = None
+    if target in ATOMREF_TARGETS:
+        refs = atom_references()[target]
+        atomrefs = {z: float(convert_units(refs[z], "Ha", unit)) for z in elements}
+        y = y - counts @ np.array([atomrefs[z] for z in elements])
+    # Per-element linear fit (tiny ridge: elements absent from the training set get coefficient 0).
+    inputs = baseline_inputs(counts, reduction)
+    a = inputs.T @ inputs + 1e-8 * np.eye(counts.shape[1])
+    element_coef = np.linalg.solve(a, inputs.T @ y)
+    return unit, y - inputs @ element_coef, element_coef, atomrefs
+
+
+def training_features(train: MoleculeSet, env_spec: EnvironmentSpec, centre_inputs: bool = True):
+    """(x (n_atoms, C, M) float32, molecule index (n_atoms,), channel scales (C,), degree-0 means (C,)) of the
+    training atoms: channels scaled by `channel_scales`, degree-0 coefficients centred (see `fit_model`)."""
+    x, mol = atom_environments(env_spec, train.numbers, train.positions)
+    scale = channel_scales(env_spec, x)
+    l0_mean = np.mean(x[:, :, 0] * scale[None, :], axis=0) if centre_inputs else np.zeros(len(scale))
+    return normalise_features(x, scale, l0_mean), mol, scale, l0_mean
+
+
+def _check_fit_request(target: str, kernel: str, reduction: str, kernel_output: str) -> None:
+    """One-line refusals of unknown targets, kernels, reductions and kernel outputs."""
+    if reduction not in REDUCTIONS or kernel_output not in ("ntk", "nngp"):
+        raise InputError(f"reduction must be one of {', '.join(REDUCTIONS)} and the kernel output ntk or nngp, "
+                         f"got {reduction!r} / {kernel_output!r}")
+    if target not in PROPERTY_NAMES:
+        raise InputError(f"unknown target {target!r}; choose one of {', '.join(PROPERTY_NAMES)}")
+    if kernel not in KERNEL_NAMES:
+        raise InputError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNEL_NAMES)}")
 
 
 def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *, unit: str | None = None,
               env_spec: EnvironmentSpec | None = None, kernel_spec: AtomKernelSpec | None = None,
               ridge: float | None = None, max_atoms: int | None = None, progress: bool | None = None,
               centre_inputs: bool = True, meta: dict | None = None, checkpoint=None, executor=None,
-              inducing: str | int | None = None) -> MoleculeModel:
+              inducing: str | int | None = None, reduction: str = "sum", kernel_output: str = "ntk") -> MoleculeModel:
     """Fit the NTK regression (t = ∞, ridge by leave-one-out if None) on the training molecules.
 
     `checkpoint`: folder for resumable training-kernel blocks; `executor`: where they run (None: in-process).
     `inducing`: 'auto', 'exact' or M (Nyström-CG, `pipelines.molecules_nystrom`); None: exact, unrecorded.
-
     `centre_inputs` subtracts the training mean of every channel's degree-0 coefficient. Without it
     every per-atom kernel value carries a large common positive part, the molecule kernel is close
     to (counts)(counts)ᵀ, and the dual coefficients grow large and cancel, which also amplifies the
     SO(3) quadrature error in the predictions.
+    `reduction`: 'sum' of the per-atom kernel over atom pairs (extensive targets: energies) or 'mean'
+    (K / (n n'), for intensive targets: HOMO, LUMO, gap, dipole norm; the linear baseline is then fitted
+    on element fractions instead of counts). `kernel_output`: regress with the 'ntk' (trained network)
+    or the 'nngp' (Bayesian posterior mean). Both are stored in the model's meta.
     """
+    _check_fit_request(target, kernel, reduction, kernel_output)
     env_spec = env_spec or EnvironmentSpec()
-    unit = _check_fit_request(train, target, kernel, unit, env_spec)
     kernel_spec = kernel_spec or AtomKernelSpec(kernel)
-    atomrefs, element_coef, residual = baseline_fit(train, target, unit, env_spec)
-    x, mol = atom_environments(env_spec, train.numbers, train.positions)
-    scale = channel_scales(env_spec, x)
-    l0_mean = np.mean(x[:, :, 0] * scale[None, :], axis=0) if centre_inputs else np.zeros(len(scale))
-    x = normalise_features(x, scale, l0_mean)
+    check_molecules(train, env_spec.elements, path=train.source)
+    choice = {"atom_reduction": reduction, "kernel_output": kernel_output}
+    unit, residual, element_coef, atomrefs = training_residual(train, target, unit, env_spec.elements, reduction)
+    x, mol, scale, l0_mean = training_features(train, env_spec, centre_inputs)
     mk = MoleculeKernel(kernel_spec, env_spec.l_max, progress=progress)
     n_check = min(INVARIANCE_CHECK_MOLECULES, len(train))
-    parts = {"x": x, "mol": mol, "scale": scale, "l0_mean": l0_mean, "env_spec": env_spec}
+    parts = {"x": x, "mol": mol, "scale": scale, "l0_mean": l0_mean, "env_spec": env_spec, **choice}
     q_errors = quadrature_errors(kernel_spec, error_sample(x, mol))
     plan = None if inducing is None else plan_solver(len(train), inducing, stored_kernels=NYSTROM_STORED_KERNELS)
     started = time.perf_counter()
@@ -297,14 +340,15 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
             seed=int((meta or {}).get("split_seed", 0)), executor=executor)
         kernel_seconds = time.perf_counter() - started  # the N×M row blocks with their check and CG
     else:
-        k_rows = k_train = mk(x, mol, len(train), description=f"training kernel ({len(train)} molecules)",
-                              checkpoint=checkpoint, executor=executor)["ntk"]
+        k_train = mk(x, mol, len(train), description=f"training kernel ({len(train)} molecules)",
+                     checkpoint=checkpoint, executor=executor)
         # Read before the invariance check below reuses `mk` (its last_stats would then be that check's).
         kernel_seconds = mk.last_stats.seconds
+        k_rows = k_train = molecule_kernel_values(k_train, choice, train.n_atoms, train.n_atoms)
         change = kernel_change_under_motion(mk, parts, train.subset(np.arange(n_check)), k_train[:n_check])
         ridge, alpha = fit_dual(kernel_spec, k_train, residual, ridge, q_errors["max"], change)
     info = {"n_train": len(train), "train_names": list(train.names)[:5000], "data": train.source,
-            "kernel_seconds": kernel_seconds, **(meta or {}), **({"solver": plan} if plan else {})}
+            "kernel_seconds": kernel_seconds, **choice, **(meta or {}), **({"solver": plan} if plan else {})}
     info.update(quadrature_info(kernel_spec, q_errors))
     info["invariance_error_rel_train"] = prediction_invariance(change, k_rows, alpha)
     info["dual_l1"] = float(np.sum(np.abs(alpha)))

@@ -27,15 +27,21 @@ def molecule_atoms(x: np.ndarray, mol: np.ndarray, idx: np.ndarray) -> tuple[np.
 
 
 def inducing_ntk(kernel: MoleculeKernel, x: np.ndarray, mol: np.ndarray, n: int, idx: np.ndarray,
-                 block: int = 1024, executor=None) -> np.ndarray:
-    """NTK (N, M) between the N molecules (flat atoms x, sorted molecule indices mol) and the molecules idx."""
+                 block: int = 1024, executor=None, choice: dict | None = None) -> np.ndarray:
+    """Regression kernel (N, M) between the N molecules (flat atoms x, sorted molecule indices mol) and the
+    molecules idx: choice['kernel_output'] reduced by choice['atom_reduction'] (default: NTK summed over atom
+    pairs; see `molecules_model.molecule_kernel_values`)."""
+    from eqkernels.pipelines.molecules_model import molecule_kernel_values
+
     x_ind, mol_ind = molecule_atoms(x, mol, idx)
     starts = np.searchsorted(mol, np.arange(n + 1))  # atom offset of each molecule
+    n_atoms = np.diff(starts)
 
     def cross(first, last):
         atoms = slice(starts[first], starts[last])
-        return {"ntk": kernel(x[atoms], mol[atoms] - first, last - first, x_ind, mol_ind, len(idx), executor=executor,
-                              description=f"train × inducing kernel, molecules {first}–{last} of {n}")["ntk"]}
+        k = kernel(x[atoms], mol[atoms] - first, last - first, x_ind, mol_ind, len(idx), executor=executor,
+                   description=f"train × inducing kernel, molecules {first}–{last} of {n}")
+        return {"ntk": molecule_kernel_values(k, choice or {}, n_atoms[first:last], n_atoms[idx])}
 
     return row_blocks(cross, n, block)["ntk"]
 
@@ -52,7 +58,7 @@ def fit_nystrom(kernel: MoleculeKernel, train, parts: dict, residual: np.ndarray
 
     n, x, mol = len(train), parts["x"], parts["mol"]
     idx = uniform_inducing(n, int(plan["inducing"]), seed)
-    k_nm = inducing_ntk(kernel, x, mol, n, idx, executor=executor)
+    k_nm = inducing_ntk(kernel, x, mol, n, idx, executor=executor, choice=parts)
     x_ind, mol_ind = molecule_atoms(x, mol, idx)
     change = kernel_change_under_motion(kernel, dict(parts, x=x_ind, mol=mol_ind), train.subset(np.arange(n_check)),
                                          k_nm[:n_check])

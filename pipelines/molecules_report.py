@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from eqkernels.pipelines.molecules import MoleculeSet, check_molecules, transformed_copies
-from eqkernels.pipelines.molecules_model import MoleculeModel
+from eqkernels.pipelines.molecules_model import MoleculeModel, molecule_kernel_values
 from eqkernels.solvers import solve_ridge_eigh
 
 
@@ -39,7 +39,9 @@ def learning_curve(model: MoleculeModel, test: MoleculeSet, k_test: np.ndarray |
     n = model.n_train
     if sizes is None:
         sizes = sorted({max(2, n >> k) for k in range(5)} | {n})
-    k_train = model.kernel(progress)(model.x_train, model.mol_train, n, description="training kernel")["ntk"]
+    k_train = model.kernel(progress)(model.x_train, model.mol_train, n, description="training kernel")
+    n_atoms = np.bincount(model.mol_train, minlength=n)
+    k_train = molecule_kernel_values(k_train, model.meta, n_atoms, n_atoms)
     if k_test is None:
         k_test = model.test_kernel(test, progress)
     y = model.target_values(test) - model.baseline(test)

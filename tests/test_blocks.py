@@ -92,7 +92,7 @@ def test_killed_worker_the_run_finishes_and_no_checkpointed_block_is_recomputed(
 
 class _DyingBlocks:
     """Blocks that return constants, except block 'die', whose worker exits (as a crash would) once the
-    other blocks are in `folder` (so which blocks finished does not depend on timing)."""
+    other blocks are in `folder`."""
 
     names = ("nngp", "ntk")
     fingerprint = "test-dying-worker"
@@ -111,12 +111,19 @@ class _DyingBlocks:
 
 def test_worker_dying_on_every_attempt_is_one_error_naming_the_block(cluster, tmp_path):
     cluster.client.wait_for_workers(2, timeout=120)  # the previous test killed one
-    plan = [Block(f"ok{k}", 2, ()) for k in range(3)] + [Block("die", 2, ())]
+    # The finished blocks come from a first run of the same job: had they been submitted beside 'die',
+    # one queued on the dying worker would count that worker's deaths too (distributed marks every task
+    # processing on a lost worker suspicious), and the error could name it instead (seen in CI-like runs).
+    ok = [Block(f"ok{k}", 2, ()) for k in range(3)]
+    job, folder = _DyingBlocks(tmp_path / "ck"), tmp_path / "ck"
+    run_blocks(job, ok, lambda b, a: None, checkpoint=folder, keep_checkpoint=True, executor=cluster, progress=False)
+    stored = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("*.h5")}
     with pytest.raises(BlockError, match="kernel block die: its worker died on every attempt") as err:
-        run_blocks(_DyingBlocks(tmp_path / "ck"), plan, lambda b, a: None, checkpoint=tmp_path / "ck", executor=cluster,
+        run_blocks(job, ok + [Block("die", 2, ())], lambda b, a: None, checkpoint=folder, executor=cluster,
                    progress=False)
     assert "\n" not in str(err.value)
-    assert sorted(p.name for p in (tmp_path / "ck").glob("*.h5")) == ["ok0.h5", "ok1.h5", "ok2.h5"]
+    assert sorted(stored) == ["ok0.h5", "ok1.h5", "ok2.h5"]
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("*.h5")} == stored
 
 
 def test_killed_client_rerun_resumes_the_molecule_kernel(tmp_path):
