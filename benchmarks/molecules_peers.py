@@ -191,6 +191,7 @@ def family_eqkernels(mols, pool, test, sizes, spec_dict, env_dict, quadrature):
     from eqkernels.environments import EnvironmentSpec, atom_environments, channel_scales
     from eqkernels.molecule_kernel import MoleculeKernel
     from eqkernels.pipelines import molecules as mp
+    from eqkernels.pipelines import molecules_model as mm
     from eqkernels.so3 import AtomKernelSpec, quadrature_error
 
     env = EnvironmentSpec(**{**BENCH_ENV, **env_dict})
@@ -219,9 +220,9 @@ def family_eqkernels(mols, pool, test, sizes, spec_dict, env_dict, quadrature):
             cache.update(kernel(x_te, m_te, len(test), x_tr, m_tr, len(tr_idx)))
         return cache[label]
     # Ridges below the kernel's measured precision fit the quadrature error (`molecules.ridge_floor`).
-    q_error = quadrature_error(spec, mp.error_sample(x_tr, m_tr)) if spec.invariant else 0.0
+    q_error = quadrature_error(spec, mm.error_sample(x_tr, m_tr)) if spec.invariant else 0.0
     info = {"spec": spec.to_dict(), "env": env.to_dict(), "train_pairs_per_s": rate, "quadrature_error": q_error,
-            "min_ridge": mp.ridge_floor(q_error)}
+            "min_ridge": mm.ridge_floor(q_error)}
     return {"ntk": train["ntk"], "nngp": train["nngp"]}, test_kernel, info
 
 

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
     from eqkernels.environments import EnvironmentSpec
     from eqkernels.molecule_kernel import MoleculeKernel
-    from eqkernels.pipelines import molecules as mp
+    from eqkernels.pipelines import molecules_model as mm
     from eqkernels.so3 import AtomKernel, AtomKernelSpec, quadrature_error
     from eqkernels.solvers import solve_ridge_eigh
     from eqkernels.tuning import select_by_cv
@@ -88,8 +88,8 @@ def main(argv=None) -> int:
         choice = select_by_cv({"ntk": k_train}, resid)
         alpha = solve_ridge_eigh(k_train, resid, choice["ridge"])
         err = counts[test] @ coef + k_test @ alpha - y["U0"][test]
-        q_error = quadrature_error(spec, mp.error_sample(x_in, m_tr))
-        floor = max(choice["ridge"], mp.ridge_floor(q_error))
+        q_error = quadrature_error(spec, mm.error_sample(x_in, m_tr))
+        floor = max(choice["ridge"], mm.ridge_floor(q_error))
         err_floor = counts[test] @ coef + k_test @ solve_ridge_eigh(k_train, resid, floor) - y["U0"][test]
         row = {"variant": label, "kernel": name, "depth": depth, "filter_band_limit": band, "scaled_inputs": scaled,
                "ridge": choice["ridge"], "cv_mae_meV": choice["cv_mae"], "test_mae_meV": float(np.mean(np.abs(err))),
