@@ -170,14 +170,12 @@ def family_fchl19(mols, pool, test, sizes):
 
 def featuriser(mols, env, scale_idx):
     """idx → (x (n_atoms, C, M) float32, molecule index): atom environments with the channel scales and degree-0
-    centring of the molecules `scale_idx` (training molecules), as `pipelines.molecules.normalise_features`."""
-    from eqkernels.environments import atom_environments, channel_scales
+    centring of the molecules `scale_idx` (training molecules), as `pipelines.molecules_model.training_features`."""
+    from eqkernels.environments import atom_environments
     from eqkernels.pipelines import molecules as mp
+    from eqkernels.pipelines import molecules_model as mm
 
-    first = mols.subset(scale_idx)
-    x0, _ = atom_environments(env, first.numbers, first.positions)
-    scale = channel_scales(env, x0)
-    l0_mean = np.mean(x0[:, :, 0] * scale[None, :], axis=0)
+    _, _, scale, l0_mean = mm.training_features(mols.subset(scale_idx), env)
 
     def feats(idx):
         sub = mols.subset(idx)
@@ -188,24 +186,15 @@ def featuriser(mols, env, scale_idx):
 
 def family_eqkernels(mols, pool, test, sizes, spec_dict, env_dict, quadrature):
     """Molecule NTK and NNGP of one eqkernels per-atom kernel on the pool's first max(sizes) and the test set."""
-    from eqkernels.environments import EnvironmentSpec, atom_environments, channel_scales
+    from eqkernels.environments import EnvironmentSpec
     from eqkernels.molecule_kernel import MoleculeKernel
-    from eqkernels.pipelines import molecules as mp
     from eqkernels.pipelines import molecules_model as mm
     from eqkernels.so3 import AtomKernelSpec, quadrature_error
 
     env = EnvironmentSpec(**{**BENCH_ENV, **env_dict})
     spec = AtomKernelSpec(**{"quadrature_degree": quadrature, **spec_dict})
     tr_idx = pool[:max(sizes)]
-    first = mols.subset(pool[:min(sizes)])  # channel scales and centring from the smallest training set
-    x0, _ = atom_environments(env, first.numbers, first.positions)
-    scale = channel_scales(env, x0)
-    l0_mean = np.mean(x0[:, :, 0] * scale[None, :], axis=0)
-
-    def feats(idx):
-        sub = mols.subset(idx)
-        x, mol = atom_environments(env, sub.numbers, sub.positions)
-        return mp.normalise_features(x, scale, l0_mean), mol
+    feats = featuriser(mols, env, pool[:min(sizes)])  # channel scales and centring from the smallest training set
 
     kernel = MoleculeKernel(spec, env.l_max, progress=False)
     x_tr, m_tr = feats(tr_idx)

@@ -37,6 +37,15 @@ class CliResult:
         return f"CliResult(code={self.code}, err={self.err!r}, out={self.out[-500:]!r})"
 
 
+def one_line_error(result: CliResult, *words: str) -> None:
+    """Assert a refused command: exit code 2, one line on stderr, no traceback, naming every one of `words`."""
+    assert result.code == 2, result
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.err, result.err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
 @pytest.fixture
 def cli():
     """Run `eqk ARGS...` in-process; returns exit code, stdout and stderr."""

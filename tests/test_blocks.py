@@ -23,6 +23,7 @@ from eqkernels.blocks import Block, BlockError, DaskExecutor, run_blocks
 from eqkernels.kernels import ConvNetSpec, relative_kernels
 from eqkernels.molecule_kernel import AtomBatch, MoleculeKernel
 from eqkernels.so3 import AtomKernelSpec
+from tests.conftest import one_line_error as _one_line_error
 
 NET = ConvNetSpec()
 
@@ -191,10 +192,6 @@ if __name__ == "__main__":
 
 
 # ---------------------------------------------------------------------------------------- bad input, CLI
-def _one_line_error(result, text):
-    assert result.code == 2, result
-    assert text in result.err and result.err.strip().count("\n") == 0, result.err
-    assert "Traceback" not in result.err
 
 
 def _free_port() -> int:

@@ -18,6 +18,7 @@ from eqkernels.pipelines.histology import NCT_CLASSES, TileSet, read_tile
 from eqkernels.pipelines.histology_map import NCT_MPP, assemble_test_slide
 from eqkernels.slides import downsample2, write_pyramidal_tiff
 from tests.conftest import SHARED_DATA
+from tests.conftest import one_line_error as _one_line_error
 
 STR_EXTRA = sorted((Path(SHARED_DATA) / "histology" / "crc_val_he_7k_sample" / "STR").glob("*.tif"))
 TILE_AREA_MM2 = (224 * NCT_MPP * 1e-3) ** 2  # one 112 µm tile
@@ -194,12 +195,6 @@ def test_ensemble_map_is_the_members_mean_on_the_source_tiles(slide, cli, tmp_pa
     assert len(found) == 10
 
 
-def _one_line_error(result, *words):
-    assert result.code == 2, result
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.err, result.err
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_bad_inputs_are_one_line_errors_without_outputs(slide, model_path, cli, tmp_path):

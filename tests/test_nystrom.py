@@ -15,6 +15,7 @@ from eqkernels.nystrom import (NystromPosterior, falkon_solve, parse_inducing, p
                                uniform_inducing)
 from eqkernels.errors import InputError
 from eqkernels.solvers import GaussianPosterior, centred_one_hot, dual_coefficients
+from tests.conftest import one_line_error as _one_line_error
 
 N_TRAIN, RIDGE = 60, 1e-3
 
@@ -156,12 +157,6 @@ def test_row_blocks_and_the_solver_choice():
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def _one_line_error(result, *words):
-    assert result.code == 2, result
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.err, result.err
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_histology_cli_stores_the_choice_and_predicts(cli, tmp_path):
