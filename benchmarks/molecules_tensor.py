@@ -6,8 +6,7 @@ environments, L = 3, 12 Gaussian radial channels):
 
 - `equivariant`: `mlp-so3avg` λ = 0 ⊕ 2 blocks (`eqkernels.pipelines.molecules_tensor`);
 - `fixed-frame`: the invariant `mlp-so3avg` kernel (λ = 0 block) predicting the six components in each
-  molecule's principal-axes frame (Z-weighted second moments, axes signed by the third moment, det +1),
-  rotated back;
+  molecule's principal-axes frame (`qm9io.principal_axes`, the frame qm9pack's tensors come in), rotated back;
 - `mlp-augmented`: the non-invariant `mlp` kernel predicting the six components, trained on `--augment`
   randomly rotated copies of each training molecule (tensors rotated with them);
 - `isotropic-oracle` (reference, no training): the true isotropic part and no anisotropy.
@@ -38,19 +37,11 @@ def _cpu_flags() -> list[str]:
 
 
 def _principal_frames(mols) -> np.ndarray:
-    """(N, 3, 3) rotations F with rows the principal axes of each molecule's Z-weighted positions."""
-    frames = []
-    for z, r in zip(mols.numbers, mols.positions):
-        w = z.astype(np.float64)
-        c = r - (w[:, None] * r).sum(0) / w.sum()
-        _, vecs = np.linalg.eigh(np.einsum("a,ai,aj->ij", w, c, c))
-        axes = vecs.T[::-1].copy()                       # largest spread first
-        for k in range(2):                               # sign by the third moment (skewness) along each axis
-            if np.sum(w * (c @ axes[k]) ** 3) < 0:
-                axes[k] = -axes[k]
-        axes[2] = np.cross(axes[0], axes[1])
-        frames.append(axes)
-    return np.array(frames)
+    """(N, 3, 3) rotations F with rows the principal axes of each molecule (`qm9io.principal_axes`): the frame
+    qm9pack's tensors come in, so the fixed-frame baseline gets the data's own frame."""
+    from eqkernels.pipelines.qm9io import principal_axes
+
+    return np.array([principal_axes(z, r) for z, r in zip(mols.numbers, mols.positions)])
 
 
 def _in_frame(mols, frames):
