@@ -32,7 +32,8 @@ def train_tensor(out: Path, path: str, target: str, kernel: str, n_train: int, s
     model.save(out)
     q = model.meta["quadrature_error_per_degree"]
     console.print(f"{out}: {kernel} model of the {target} tensor ({model.unit}) on {model.n_train} molecules, "
-                  f"ridges λ=0 {model.ridges[0]:g} / λ=2 {model.ridges[1]:g}, per-atom quadrature error "
+                  f"ridges λ=0 {model.ridges[0]:g} / λ=2 {model.ridges[1]:g}, per-atom quadrature error (vs degree "
+                  f"{model.meta['quadrature_reference_degree']}) "
                   f"λ=0 {q['0']:.1e} / λ=2 {q['2']:.1e}, kernel {model.meta['kernel_seconds']:.1f} s")
 
 

@@ -144,20 +144,26 @@ def anisotropy(tensors: np.ndarray) -> np.ndarray:
 
 
 def block_quadrature_error(spec: AtomKernelSpec, degrees: tuple[int, ...], x1, x2, *,
-                           reference_degree: int | None = None) -> dict[int, float]:
+                           reference_degree: int | None = None, block: int = 8) -> dict[int, float]:
     """Per output degree λ, the relative quadrature error of the per-atom NTK block:
-    max |Θ_λ,B − Θ_λ,ref| / max |Θ_λ,ref|, the reference at degree B + 8 (float64; x1, x2 (n, C, M)).
+    max |Θ_λ,B − Θ_λ,ref| / max |Θ_λ,ref| (float64; x1, x2 (n, C, M)), the reference at
+    `reference_degree` (default `eqkernels.so3.reference_degree_for(B)`: at least 39, as for the
+    invariant kernels). Pass the same atoms twice to include the self pairs, where ReLU's cusp makes
+    the quadrature least accurate. Rows are taken `block` atoms at a time (memory ∝ block · n₂ · Q).
 
     The λ ≥ 1 blocks are smaller than λ = 0 and their integrand carries D^λ, so at a given B their
     relative error is larger than the invariant kernel's (`eqkernels.so3.quadrature_error`).
     """
     from dataclasses import replace
 
+    from eqkernels.so3 import reference_degree_for
+
     x1, x2 = np.asarray(x1, np.float64), np.asarray(x2, np.float64)
     l_max = int(round(np.sqrt(x1.shape[-1]))) - 1
-    ref = replace(spec, quadrature_degree=reference_degree or spec.quadrature_degree + 8)
+    ref = replace(spec, quadrature_degree=reference_degree or reference_degree_for(spec.quadrature_degree))
     with jax.experimental.enable_x64():
-        a = EquivariantAtomKernel(spec, l_max, degrees, jnp.float64)(x1, x2)["ntk"]
-        b = EquivariantAtomKernel(ref, l_max, degrees, jnp.float64)(x1, x2)["ntk"]
+        kernels = [EquivariantAtomKernel(s, l_max, degrees, jnp.float64) for s in (spec, ref)]
+        a, b = (np.concatenate([np.asarray(k(x1[i:i + block], x2)["ntk"]) for i in range(0, len(x1), block)])
+                for k in kernels)
     return {lam: float(np.max(np.abs(a[..., sl] - b[..., sl])) / np.max(np.abs(b[..., sl])))
             for lam, sl in block_offsets(degrees).items()}

@@ -26,7 +26,7 @@ from eqkernels.pipelines.molecules import check_molecules, normalise_features, t
 from eqkernels.pipelines.molecules_model import ridge_floor
 from eqkernels.pipelines.qm9io import (PROPERTY_NAMES, TENSOR_NATIVE_UNITS, MoleculeSet, tensor_property_names,
                                        tensor_values)
-from eqkernels.so3 import AtomKernelSpec, random_rotations
+from eqkernels.so3 import AtomKernelSpec, random_rotations, reference_degree_for
 from eqkernels.solvers import select_ridge_loo, solve_ridge_eigh
 from eqkernels.so3_equivariant import (EQUIVARIANT_KERNELS, anisotropy, block_quadrature_error, cartesian_to_irreps,
                                        degree_block, irreps_to_cartesian, isotropic_part)
@@ -195,7 +195,8 @@ def fit_tensor_model(train: MoleculeSet, target: str = "polarizability", kernel:
     r2, alpha2 = _fit_part(degree_block(k, DEGREES, 2), coeffs[:, 1:].ravel(), ridge, ridge_floor(q_error[2]))
     info = {"n_train": len(train), "train_names": list(train.names)[:5000], "data": train.source,
             "kernel_seconds": mk.last_seconds, "quadrature_error": max(q_error.values()),
-            "quadrature_error_per_degree": {str(k): v for k, v in q_error.items()}, "native_unit": native,
+            "quadrature_error_per_degree": {str(k): v for k, v in q_error.items()},
+            "quadrature_reference_degree": reference_degree_for(kernel_spec.quadrature_degree), "native_unit": native,
             **(meta or {})}
     return TensorModel(target, unit, env_spec, kernel_spec, scale, l0_mean, x, mol, alpha0, alpha2.reshape(-1, 5),
                        element_coef, max_atoms or 2 * int(train.n_atoms.max()), (r0, r2), info)
