@@ -217,6 +217,9 @@ def report(
         from eqkernels.apps.molecules_tensor import report_tensor
 
         return report_tensor(model_path, out, data, n_test, seed, target_file)
+    if target_file:
+        raise InputError("--target-file is for vector and tensor models; this one predicts a scalar QM9 property",
+                         model_path)
     model = load_model(model_path)
     path = data or model.meta.get("data") or str(mp.default_data_path())
     mols = mp.load_molecules(path)
