@@ -27,8 +27,12 @@ def train(
     out: Path = typer.Option(..., "--out", help="Model file to write (HDF5)."),
     data: Optional[str] = typer.Option(None, "--data", help="QM9 data: qm9pack CSV(.xz)/npz, ASE db, QM9 xyz folder "
                                        "or archive, or 'qm9pack'. Default: the bundled 2,000-molecule sample."),
-    target: str = typer.Option("U0", "--target", help="Property: U0 U H G homo lumo gap zpve mu alpha r2 Cv A B C, "
-                               "or a symmetric tensor: polarizability (or any tensor property of the data by name)."),
+    target: str = typer.Option("U0", "--target", help="Property: U0 U H G homo lumo gap zpve mu alpha r2 Cv A B C; "
+                               "a vector: mulliken_dipole (Σ q_i r_i of QM9's Mulliken charges, e*Å or D); or a "
+                               "symmetric tensor: polarizability (or any vector/tensor property of the data by name)."),
+    target_file: Optional[str] = typer.Option(None, "--target-file", help="CSV with a vector (TARGET_x, _y, _z) or "
+                                              "symmetric tensor (TARGET_xx … _zz) per QM9 molecule (XYZ_file or "
+                                              "Index column), in the coordinates' frame, matched by QM9 index."),
     kernel: str = typer.Option("so3gcnn", "--kernel", help="mlp | mlp-so3avg | so3gcnn."),
     n_train: int = typer.Option(200, "--n-train", help="Training molecules (a fixed random split)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split."),
@@ -75,13 +79,15 @@ def train(
 
     if is_tensor_target(target):
         if tune or reduction:
-            raise InputError(f"--tune and --reduction are for scalar targets, not the tensor {target!r}")
+            raise InputError(f"--tune and --reduction are for scalar targets, not the vector/tensor {target!r}")
         from eqkernels.apps.molecules_tensor import train_tensor
 
         if inducing_choice != "auto":
-            raise InputError("--inducing applies to scalar targets; tensor models are fitted exactly")
+            raise InputError("--inducing applies to scalar targets; vector/tensor models are fitted exactly")
 
-        return train_tensor(out, path, target, kernel, n_train, seed, unit, env, spec, ridge, max_atoms)
+        return train_tensor(out, path, target, kernel, n_train, seed, unit, env, spec, ridge, max_atoms, target_file)
+    if target_file:
+        raise InputError(f"--target-file is for vector and tensor targets; {target!r} is a scalar QM9 property")
     mols = mp.load_molecules(path)
     train_idx, _ = mp.split_indices(len(mols), n_train, None, seed)
     reduction = reduction or default_reduction(target)
@@ -195,9 +201,12 @@ def report(
     data: Optional[str] = typer.Option(None, "--data", help="Data with the target (default: the model's training data)."),
     n_test: int = typer.Option(300, "--n-test", help="Held-out molecules to evaluate (not in the training set)."),
     seed: int = typer.Option(1, "--seed", help="Seed for choosing test molecules and random rotations."),
+    target_file: Optional[str] = typer.Option(None, "--target-file", help="Vector/tensor models: the CSV with the "
+                                              "target (default: the one the model was trained with, if any)."),
 ):
     """Held-out MAE/RMSE, MAE on randomly rotated copies, invariance error and a learning curve
-    (tensor models: MAE per component, of the isotropic part and anisotropy, equivariance error)."""
+    (vector models: MAE per component and of the norm; tensor models: per component, of the isotropic part and
+    anisotropy; both: the equivariance error)."""
     mp = _pipeline()
     from eqkernels import store
     from eqkernels.pipelines.molecules_model import load_model
@@ -207,7 +216,10 @@ def report(
     if store.kind_of(model_path) == TENSOR_MODEL_KIND:
         from eqkernels.apps.molecules_tensor import report_tensor
 
-        return report_tensor(model_path, out, data, n_test, seed)
+        return report_tensor(model_path, out, data, n_test, seed, target_file)
+    if target_file:
+        raise InputError("--target-file is for vector and tensor models; this one predicts a scalar QM9 property",
+                         model_path)
     model = load_model(model_path)
     path = data or model.meta.get("data") or str(mp.default_data_path())
     mols = mp.load_molecules(path)

@@ -457,6 +457,107 @@ def attach_tensor(mols: MoleculeSet, path: str | Path, name: str = "polarizabili
     return mols
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Vector properties: the Mulliken charge dipole, or any NAME_x, NAME_y, NAME_z given per molecule
+
+VECTOR_COMPONENTS = ("x", "y", "z")
+MULLIKEN_DIPOLE = "mulliken_dipole"
+
+
+def vector_property_names(name: str) -> tuple[str, ...]:
+    """The three property keys of a vector target, e.g. dipole_x, dipole_y, dipole_z."""
+    return tuple(f"{name}_{c}" for c in VECTOR_COMPONENTS)
+
+
+def mulliken_dipoles(mols: MoleculeSet) -> np.ndarray | None:
+    """(N, 3) charge dipoles μ_M = Σ_i q_i (r_i − r̄) (e·Å) from the Mulliken charges (NaN where a molecule
+    has none), or None if the data carries no charges at all.
+
+    Taken about the centre of geometry r̄: QM9's charges sum to zero only to print precision (5e-6 e on
+    the bundled sample), and this makes μ_M exactly translation-invariant; it rotates as R μ_M.
+    """
+    charges = mols.extras.get("mulliken")
+    if charges is None or all(q is None for q in charges):
+        return None
+    out = np.full((len(mols), 3), np.nan)
+    for k, (q, r) in enumerate(zip(charges, mols.positions)):
+        if q is not None and len(q) == len(r):
+            out[k] = np.asarray(q, np.float64) @ (r - r.mean(0))
+    return out
+
+
+def vector_values(mols: MoleculeSet, name: str) -> np.ndarray | None:
+    """(N, 3) vectors of a vector property (NaN where absent), or None if the data lacks it."""
+    if name == MULLIKEN_DIPOLE:
+        return mulliken_dipoles(mols)
+    keys = vector_property_names(name)
+    if not all(k in mols.properties for k in keys):
+        return None
+    return np.stack([np.asarray(mols.properties[k], np.float64) for k in keys], axis=1)
+
+
+def csv_target_kind(path: str | Path, name: str) -> str:
+    """'vector' if the CSV has columns NAME_x, NAME_y, NAME_z, 'tensor' if NAME_xx … NAME_zz; else one line."""
+    fields = set(csv.DictReader(io.StringIO(_read_text(path))).fieldnames or [])
+    if all(k in fields for k in vector_property_names(name)):
+        return "vector"
+    if all(k in fields for k in tensor_property_names(name)):
+        return "tensor"
+    raise InputError(f"no columns {', '.join(vector_property_names(name))} (a vector) or "
+                     f"{name}_xx … {name}_zz (a symmetric tensor)", path)
+
+
+def read_vector_csv(path: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors per QM9 molecule from a CSV with columns XYZ_file (or Index) and NAME_x, NAME_y, NAME_z.
+
+    Returns (gdb indices (n,), vectors (n, 3) float64).
+    """
+    reader = csv.DictReader(io.StringIO(_read_text(path)))
+    keys = vector_property_names(name)
+    missing = [k for k in keys if k not in (reader.fieldnames or [])]
+    if missing:
+        raise InputError(f"not a vector CSV: missing columns {', '.join(missing)}", path)
+    indices, vectors = [], []
+    for row_no, row in enumerate(reader, start=2):
+        try:
+            vectors.append([float(row[k]) for k in keys])
+        except (TypeError, ValueError):
+            raise InputError(f"line {row_no}: vector components must be numbers", path) from None
+        indices.append(_gdb_index_of(row, row_no, path))
+    if not indices:
+        raise InputError("the vector CSV holds no rows", path)
+    return np.array(indices, dtype=np.int64), np.array(vectors, dtype=np.float64).reshape(-1, 3)
+
+
+def _rows_by_gdb_index(mols: MoleculeSet, indices: np.ndarray, path) -> np.ndarray:
+    """For each molecule, the row of `indices` with its QM9 index (−1: none)."""
+    if "gdb_index" not in mols.extras:
+        raise InputError("these molecules carry no QM9 index to match the file's rows to", mols.source or path)
+    where = {int(i): k for k, i in enumerate(indices)}
+    return np.array([where.get(int(g), -1) for g in mols.extras["gdb_index"]], dtype=np.int64)
+
+
+def attach_vector(mols: MoleculeSet, path: str | Path, name: str) -> MoleculeSet:
+    """Add a vector property NAME_x, NAME_y, NAME_z (in the frame of the coordinates) to QM9 molecules,
+    matched by gdb index (NaN for molecules without a row), in place."""
+    indices, vectors = read_vector_csv(path, name)
+    rows = _rows_by_gdb_index(mols, indices, path)
+    v = np.where((rows >= 0)[:, None], vectors[np.maximum(rows, 0)], np.nan) if len(rows) else np.zeros((0, 3))
+    for key, column in zip(vector_property_names(name), v.T):
+        mols.properties[key] = column.copy()
+    return mols
+
+
+def attach_target_csv(mols: MoleculeSet, path: str | Path, name: str) -> str:
+    """Attach the vector or symmetric-tensor target NAME of a CSV (coordinates' frame); returns its kind."""
+    kind = csv_target_kind(path, name)
+    if kind == "vector":
+        attach_vector(mols, path, name)
+    else:
+        attach_tensor(mols, path, name, prefix=name, frame="coordinates")
+    return kind
+
+
 def polarizability_file_beside(path: str | Path) -> Path | None:
     """qm9pack's polarizability CSV next to QM9 data (the data's folder or its qm9pack_v1.0.3/), if any."""
     path = Path(path)

@@ -180,3 +180,20 @@ def test_principal_axes_follow_the_molecule():
     here, there = (principal_frame_to_coordinates([z], [p], a[None])[0] for p in (r, moved))
     np.testing.assert_allclose(there, q @ here @ q.T, atol=1e-10)
     np.testing.assert_allclose(np.trace(here), np.trace(a), atol=1e-12)
+
+
+def test_version_one_tensor_files_still_load(model_file, sample, tmp_path):
+    """Files written before vector targets (model_version 1: no 'form', arrays alpha0/alpha2) read as
+    symmetric tensors and predict exactly what the same arrays predict today."""
+    from eqkernels import store
+    from eqkernels.pipelines.molecules_tensor import load_tensor_model
+
+    meta, arrays = store.load(model_file, "molecule-tensor-model")
+    assert meta.pop("form") == "symmetric-tensor"
+    meta = {k: v for k, v in meta.items() if k not in ("versions", store.VERSION_KEY)}
+    old = store.save(tmp_path / "v1.h5", "molecule-tensor-model", {**meta, "model_version": 1}, arrays)
+    assert store.load(old)[0][store.VERSION_KEY] == 1
+    now, then = load_tensor_model(model_file), load_tensor_model(old)
+    assert then.degrees == (0, 2) and "form" not in then.meta
+    few = sample.subset(np.arange(1995, 1998))
+    np.testing.assert_array_equal(then.predict(few, progress=False), now.predict(few, progress=False))

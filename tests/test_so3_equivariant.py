@@ -211,3 +211,170 @@ def test_stated_block_error_covers_rotated_copies_against_degree_39():
         actual = np.max(np.abs(_blocks(ours, lam)[i, i] - expected)) / np.max(np.abs(_blocks(ref, lam)))
         assert actual <= 2 * stated[lam], (lam, actual, stated)
         assert stated[lam] > cross[lam], (lam, stated, cross)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Monte Carlo: the NTK of a finite SO(3)-GCNN with a degree-λ readout (lifting, φ, one group convolution,
+# φ, then F(x) = Σ_q w_q D^λ(G_q) 1 · h(G_q): the degree-λ Fourier coefficient of the last layer, its
+# columns summed, which rotates as F(D(R)x) = D^λ(R) F(x))
+
+GC_C, GC_SW, GC_SB = 2, math.sqrt(2.0), 0.1
+
+
+def _gcnn_grid(degree):
+    """Grid, (Q, M, M) Wigner matrices of the signal, (Q, P) flat ones up to L, readout vectors per λ."""
+    quad = SO3Quadrature(degree)
+    d_full = wigner_d(MC_L, quad.matrices)
+    flat = quad.wigner_flat(MC_L)
+    readout = np.concatenate([_wigner_rows(lam, quad).sum(-1) for lam in MC_DEGREES], axis=1)   # (Q, 3 + 5)
+    return quad, d_full, flat, readout
+
+
+def _wigner_rows(lam, quad):
+    return wigner_d(lam, quad.matrices)[:, lam ** 2:, lam ** 2:]
+
+
+def _gcnn_params(key, width):
+    k = jax.random.split(key, 5)
+    m = (MC_L + 1) ** 2
+    return {"lift": jax.random.normal(k[0], (width, GC_C, m)), "b0": jax.random.normal(k[1], (width,)),
+            "conv": jax.random.normal(k[2], (width, width, (MC_L + 1) * (2 * MC_L + 1) * (2 * MC_L + 3) // 3)),
+            "b1": jax.random.normal(k[3], (width,)), "v": jax.random.normal(k[4], (width,))}
+
+
+def _gcnn_outputs(degree):
+    """F(params, x (n, C, M)) → (n, 3 + 5): the λ = 1 and λ = 2 outputs, NTK parametrisation, ReLU."""
+    quad, d_full, flat, readout = (jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in _gcnn_grid(degree))
+    w = jnp.asarray(quad.weights)
+
+    def apply(p, x):
+        width = p["b0"].shape[0]
+        rotated = jnp.einsum("qmn,icm->iqcn", d_full, x)                                   # D(G_q)ᵀ x
+        h = jax.nn.relu(GC_SW / math.sqrt(4 * math.pi * GC_C) * jnp.einsum("iqcn,kcn->ikq", rotated, p["lift"])
+                        + GC_SB * p["b0"][None, :, None])
+        # group convolution with filter κ = Σ_l √(2l+1) tr(W_lᵀ D^l), by Fourier analysis and synthesis
+        hat = jnp.einsum("ikq,q,qp->ikp", h, w, flat)
+        g, start = 0.0, 0
+        for l in range(MC_L + 1):
+            s = 2 * l + 1
+            blk = slice(start, start + s * s)
+            g = g + math.sqrt(s) * jnp.einsum("qam,kjmn,ijan->ikq", flat[:, blk].reshape(-1, s, s),
+                                              p["conv"][:, :, blk].reshape(width, width, s, s),
+                                              hat[:, :, blk].reshape(hat.shape[0], width, s, s))
+            start += s * s
+        h2 = jax.nn.relu(GC_SW / math.sqrt(width) * g + GC_SB * p["b1"][None, :, None])
+        return jnp.einsum("ikq,q,qm,k->im", h2, w, readout, p["v"]) / math.sqrt(width)
+
+    return apply
+
+
+def _empirical_block_ntk(apply, params, x):
+    """Θ̂ (n, n, 9 + 25): Σ_θ ∂F_m(x_a)/∂θ ∂F_n(x_b)/∂θ per output degree, flat blocks as the kernel's."""
+    jac = jax.jacrev(apply)(params, x)
+    flat = jnp.concatenate([j.reshape(j.shape[0], j.shape[1], -1) for j in jax.tree_util.tree_leaves(jac)], -1)
+    blocks = [jnp.einsum("amp,bnp->abmn", flat[:, sl], flat[:, sl]).reshape(len(x), len(x), -1)
+              for sl in (slice(0, 3), slice(3, 8))]
+    return jnp.concatenate(blocks, axis=-1)
+
+
+def _relu_moments(k, v1, v2):
+    """E[φ(u)φ(u')], E[φ'(u)φ'(u')] of ReLU for covariance k and variances v1, v2 (Cho & Saul 2009)."""
+    s = np.sqrt(v1 * v2)
+    theta = np.arccos(np.clip(k / s, -1.0, 1.0))
+    return s * (np.sin(theta) + (np.pi - theta) * np.cos(theta)) / (2 * np.pi), (np.pi - theta) / (2 * np.pi)
+
+
+def _gcnn_grid_ntk(x, degree):
+    """The infinite-width NTK of `_gcnn_outputs` on its own grid: every layer's covariance between all node
+    pairs (i, q), (j, q'), the group convolution's as an explicit double sum over the grid. (n, n, 9 + 25)."""
+    quad, d_full, flat, readout = _gcnn_grid(degree)
+    w, n_in, q = quad.weights, len(x), quad.size
+    rotated = np.einsum("qmn,icm->iqcn", d_full, x).reshape(n_in * q, -1)
+    k0 = GC_SW ** 2 / (4 * math.pi * GC_C) * rotated @ rotated.T + GC_SB ** 2                 # (nQ, nQ)
+
+    def conv(cov):
+        """Covariance of the convolution's output given its input's: Σ_l (2l+1) Σ (D_q D_q'ᵀ)·S_l."""
+        c = cov.reshape(n_in, q, n_in, q)
+        out, start = 0.0, 0
+        for l in range(MC_L + 1):
+            s = 2 * l + 1
+            dl = flat[:, start:start + s * s].reshape(q, s, s)
+            start += s * s
+            s_l = np.einsum("p,r,ipjr,pan,rbn->ijab", w, w, c, dl, dl)
+            out = out + s * np.einsum("qam,rbm,ijab->iqjr", dl, dl, s_l)
+        return GC_SW ** 2 * out.reshape(n_in * q, n_in * q)
+
+    var0 = np.diag(k0)
+    kt0, kd0 = _relu_moments(k0, var0[:, None], var0[None, :])
+    k1 = conv(kt0) + GC_SB ** 2
+    theta1 = k1 + conv(kd0 * k0)
+    var1 = np.diag(k1)
+    kt1, kd1 = _relu_moments(k1, var1[:, None], var1[None, :])
+    u = (w[:, None] * readout)                                                               # (Q, 8)
+    ntk = np.einsum("qm,iqjr,rn->ijmn", u, (kt1 + kd1 * theta1).reshape(n_in, q, n_in, q), u)
+    return np.concatenate([ntk[:, :, :3, :3].reshape(n_in, n_in, 9), ntk[:, :, 3:, 3:].reshape(n_in, n_in, 25)], -1)
+
+
+def _gcnn_monte_carlo(degree, width, n_nets, seed=0):
+    """Mean and standard error (n, n, 9 + 25) of the empirical NTK over `n_nets` independent initialisations."""
+    xs = jnp.asarray(_inputs(3, l_max=MC_L, seed=7))
+    apply = _gcnn_outputs(degree)
+    ntk = jax.jit(lambda p: _empirical_block_ntk(apply, p, xs))
+    keys = jax.random.split(jax.random.PRNGKey(seed), n_nets)
+    t = np.array([np.asarray(ntk(_gcnn_params(k, width))) for k in keys])
+    return t.mean(0), t.std(0, ddof=1) / math.sqrt(n_nets)
+
+
+def _gcnn_theta(degree):
+    spec = AtomKernelSpec("so3gcnn", activation="relu", depth=1, bias_std=GC_SB, quadrature_degree=degree)
+    return EquivariantAtomKernel(spec, MC_L, MC_DEGREES, dtype=jnp.float64)(_inputs(3, l_max=MC_L, seed=7),
+                                                                           _inputs(3, l_max=MC_L, seed=7))["ntk"]
+
+
+def _check_gcnn_monte_carlo(degree, width, n_nets):
+    """The finite GCNN's averaged empirical NTK against (1) its own infinite-width expectation on its grid,
+    the explicit double sum `_gcnn_grid_ntk`, within 5 SE, and (2) the analytic degree-λ block Θ_λ within
+    5 SE + the network grid's discretisation error, estimated kernel-free as |G_{B−2} − G_B| (an over-
+    estimate: the error falls 3–4× per 2 degrees, measured), + 2× Θ_λ's quadrature error (B against B + 8)."""
+    xs = _inputs(3, l_max=MC_L, seed=7)
+    mc, se = _gcnn_monte_carlo(degree, width, n_nets)
+    grid, coarser = _gcnn_grid_ntk(xs, degree), _gcnn_grid_ntk(xs, degree - 2)
+    theta, finer = _gcnn_theta(degree), _gcnn_theta(degree + 8)
+    out = {}
+    for lam, sl in block_offsets(MC_DEGREES).items():
+        scale = np.max(np.abs(theta[..., sl]))
+        net_err, q_err = np.max(np.abs(grid[..., sl] - coarser[..., sl])), np.max(np.abs(theta[..., sl] - finer[..., sl]))
+        bound = 5 * se[..., sl] + net_err + 2 * q_err
+        out[lam] = {"se": np.max(se[..., sl]) / scale, "mc_grid_se": np.max(np.abs(mc - grid)[..., sl] / se[..., sl]),
+                    "mc_theta": np.max(np.abs(mc - theta)[..., sl]) / scale,
+                    "used": np.max(np.abs(mc - theta)[..., sl] / bound), "zero": np.min(np.abs(theta[..., sl])[
+                        np.abs(theta[..., sl]) > 0.5 * scale] / bound[np.abs(theta[..., sl]) > 0.5 * scale]),
+                    "grid_theta": np.max(np.abs(grid - theta)[..., sl]) / scale,
+                    "coarse_grid_theta": np.max(np.abs(coarser[..., sl] - _gcnn_theta(degree - 2)[..., sl])) / scale}
+        assert out[lam]["se"] < 0.06, out
+        assert out[lam]["mc_grid_se"] <= 5, out
+        assert out[lam]["used"] <= 1, out
+        assert out[lam]["zero"] > 1, out            # not vacuous: the large entries exceed their bound
+        # the network's grid and the analytic block approach each other as the degree grows
+        assert out[lam]["grid_theta"] < 0.5 * out[lam]["coarse_grid_theta"], out
+    return out
+
+
+def test_monte_carlo_ntk_of_a_finite_gcnn_with_a_degree_lambda_readout():
+    """so3gcnn's degree-λ readout (λ = 1, 2) against 24 finite width-64 SO(3)-GCNNs (depth 1, ReLU, L = 2).
+
+    Measured at degree 6 (these 24 networks): SE 4.9 % / 4.2 % of the block (λ = 1 / 2; bound 6 %);
+    |MC − G_6| ≤ 1.5 / 1.9 SE (16 other networks: 1.5 / 2.3); |MC − Θ_λ| uses 0.22 / 0.17 of its bound and
+    the block's large entries exceed it 3.3 / 2.8×. The grid double sum differs from Θ_λ by 1.0e-2 of the
+    block at degree 6 (3.4e-2 / 7.0e-2 at 4, 4.2e-3 / 3.8e-3 at 8), 3–6× Θ_λ's own quadrature error
+    (1.7e-3 / 4.0e-3 at 6): the network's double sum on a grid that is no group is the larger
+    discretisation, hence its own term. Reduced: 3 inputs, 24 networks, 16 s; the larger run is slow.
+    """
+    print(_check_gcnn_monte_carlo(6, 64, 24))
+
+
+@pytest.mark.slow
+def test_monte_carlo_ntk_of_a_finite_gcnn_with_a_degree_lambda_readout_large():
+    """As above at degree 8, width 128, 48 networks (42 s). Measured: SE 2.2 % / 2.0 %, |MC − G_8| ≤ 2.5 / 1.3
+    SE, bound used 0.37 / 0.27, large entries exceed it 7.5 / 8.0×; grid vs Θ_λ 4.2e-3 / 3.8e-3."""
+    print(_check_gcnn_monte_carlo(8, 128, 48))
