@@ -14,6 +14,11 @@ present in a tile, rather than counting from its first one, keeps molecules with
 mask row that is all False) from pushing later molecules of the tile out of the one-hot range.
 For a symmetric training matrix only tiles j ≥ i are computed.
 
+Optional per-atom amplitudes c_i (`AtomBatch.weight`) give K(A, B) = Σ_{i∈A} Σ_{j∈B} c_i c_j k(env_i, env_j),
+the NNGP / NTK of F(A) = Σ_i c_i f(env_i); they scale the atoms' one-hot rows in the contraction, so they
+cost nothing. With c_i a function of atom i's element this is the element-pair weighting W_ab = c_a c_b
+(`eqkernels.environments.EnvironmentSpec.element_amplitudes`), positive semi-definite for any c.
+
 With `output_degrees` the per-atom kernel is matrix-valued (`eqkernels.so3_equivariant`): every entry
 becomes a flat block of the degree-λ matrices, (N1, N2, Σ(2λ+1)²), summed over atom pairs the same way;
 then K(B, A) = K(A, B)ᵀ block by block, which the symmetric case uses.
@@ -63,10 +68,11 @@ def _compiled(spec: AtomKernelSpec, l_max: int, tile: int, dtype, output_degrees
 
         atom_kernel = EquivariantAtomKernel(spec, l_max, output_degrees, dtype=dtype)
 
-    def contract(p1, p2, local1, local2):
+    def contract(p1, p2, local1, local2, w1, w2):
         nngp, ntk = atom_kernel.pair(p1, p2)                  # (t, t) or (t, t, block)
-        e1 = jax.nn.one_hot(local1, tile, dtype=nngp.dtype)   # −1 (padding) gives a zero row
-        e2 = jax.nn.one_hot(local2, tile, dtype=nngp.dtype)
+        # −1 (padding) gives a zero row; each row carries its atom's amplitude.
+        e1 = jax.nn.one_hot(local1, tile, dtype=nngp.dtype) * w1.astype(nngp.dtype)[:, None]
+        e2 = jax.nn.one_hot(local2, tile, dtype=nngp.dtype) * w2.astype(nngp.dtype)[:, None]
         return tuple(jnp.einsum("ia,ij...,jb->ab...", e1, k, e2) for k in (nngp, ntk))
 
     return atom_kernel, jax.jit(contract)
@@ -75,15 +81,21 @@ def _compiled(spec: AtomKernelSpec, l_max: int, tile: int, dtype, output_degrees
 @dataclass(frozen=True)
 class AtomBatch:
     """Molecules as flat atoms sorted by molecule: `atoms` (n_atoms, C, M), `molecule` (n_atoms,) int64
-    (the molecule of each atom, in 0..n_molecules−1), `n_molecules` (molecules without atoms count too)."""
+    (the molecule of each atom, in 0..n_molecules−1), `n_molecules` (molecules without atoms count too),
+    `weight` (n_atoms,) float per-atom amplitudes c_i (None: all 1)."""
 
     atoms: np.ndarray
     molecule: np.ndarray
     n_molecules: int
+    weight: np.ndarray | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "atoms", np.asarray(self.atoms))
         object.__setattr__(self, "molecule", np.asarray(self.molecule, dtype=np.int64))
+        if self.weight is not None:
+            object.__setattr__(self, "weight", np.asarray(self.weight, dtype=np.float64))
+            if self.weight.shape != self.molecule.shape:
+                raise ValueError(f"weight {self.weight.shape} does not match {self.molecule.shape} atoms")
         m, n = self.molecule, int(self.n_molecules)
         if len(m) and np.any(np.diff(m) < 0):
             raise ValueError("atoms must be sorted by molecule")
@@ -94,6 +106,10 @@ class AtomBatch:
     def from_padded(cls, x: np.ndarray, mask: np.ndarray) -> "AtomBatch":
         """From padded molecules (N, A, C, M) with atom masks (N, A)."""
         return cls(*flatten_padded(x, mask))
+
+    def weights(self) -> np.ndarray:
+        """(n_atoms,) per-atom amplitudes, ones when none were given."""
+        return np.ones(len(self.molecule)) if self.weight is None else self.weight
 
     def padded(self) -> tuple[np.ndarray, np.ndarray]:
         """(N, A, C, M) atoms and (N, A) masks, A the largest molecule's atom count."""
@@ -108,18 +124,20 @@ class AtomBatch:
 @dataclass
 class _Tiles:
     """One side cut into tiles of t atoms: atoms (T, t, C, M), local molecule numbers (T, t) (−1:
-    padding), and per tile the molecule indices its local numbers stand for."""
+    padding), per tile the molecule indices its local numbers stand for, and amplitudes (T, t)."""
 
     atoms: np.ndarray
     local: np.ndarray
     molecules: list
+    weight: np.ndarray
 
     @classmethod
     def cut(cls, batch: AtomBatch, t: int) -> "_Tiles":
-        x, mol = batch.atoms, batch.molecule
+        x, mol, w = batch.atoms, batch.molecule, batch.weights()
         pad = (-len(x)) % t if len(x) else t
         xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
         mp = np.concatenate([mol, np.full(pad, -1)]) if pad else mol
+        wp = np.concatenate([w, np.zeros(pad)]) if pad else w
         local, molecules = np.full((len(xp) // t, t), -1, np.int32), []
         for k, s in enumerate(range(0, len(xp), t)):
             m = mp[s:s + t]
@@ -127,7 +145,7 @@ class _Tiles:
             present, numbers = np.unique(m[real], return_inverse=True)  # at most t molecules per tile
             local[k, real] = numbers
             molecules.append(present)
-        return cls(xp.reshape((-1, t) + x.shape[1:]), local, molecules)
+        return cls(xp.reshape((-1, t) + x.shape[1:]), local, molecules, wp.reshape(-1, t))
 
     def block_molecules(self, lo: int, hi: int) -> np.ndarray:
         """The molecules of tiles lo..hi−1, sorted (the rows or columns of a block's partial sum)."""
@@ -162,7 +180,7 @@ class _MoleculeBlocks:
             atom_kernel = _compiled(*self.config)[0]
             with jax.default_device(device):
                 self._prepared[key] = (atom_kernel.prepare(jnp.asarray(tiles.atoms[k], self.config[3])),
-                                       jnp.asarray(tiles.local[k]))
+                                       jnp.asarray(tiles.local[k]), jnp.asarray(tiles.weight[k], self.config[3]))
         return self._prepared[key]
 
     def compute(self, block: Block, devices: list, advance) -> dict[str, np.ndarray]:
@@ -174,8 +192,8 @@ class _MoleculeBlocks:
         out = {name: np.zeros((len(rows), len(cols)) + extra) for name in self.names}
 
         def dispatch(ij, device):
-            (p1, l1), (p2, l2) = self._side(1, ij[0], device), self._side(2, ij[1], device)
-            return contract(p1, p2, l1, l2)
+            (p1, l1, w1), (p2, l2, w2) = self._side(1, ij[0], device), self._side(2, ij[1], device)
+            return contract(p1, p2, l1, l2, w1, w2)
 
         # A bounded queue keeps a few tile pairs in flight while the host adds up finished ones.
         for (i, j), parts in round_robin(self.tile_pairs(block), devices, dispatch, depth=max(4, len(devices))):
@@ -234,6 +252,8 @@ class MoleculeKernel:
                 "dtype": np.dtype(self.dtype).name, "output_degrees": self.output_degrees,
                 "block_tiles": self.block_tiles, "n": [b1.n_molecules, None if b2 is None else b2.n_molecules]}
         arrays = [b1.atoms, b1.molecule] + ([None] if b2 is None else [b2.atoms, b2.molecule])
+        # Amplitudes join the fingerprint only when given, so checkpoints of unweighted kernels stay valid.
+        arrays += [b.weight for b in (b1, b2) if b is not None and b.weight is not None]
         return fingerprint(meta, arrays)
 
     def _plan(self, tiles1: _Tiles, tiles2: _Tiles, symmetric: bool) -> list[Block]:
@@ -280,11 +300,12 @@ class MoleculeKernel:
 
     def __call__(self, x1: np.ndarray, mol1: np.ndarray, n1: int, x2: np.ndarray | None = None,
                  mol2: np.ndarray | None = None, n2: int | None = None, *, description: str | None = None,
-                 checkpoint=None, keep_checkpoint: bool = False, executor=None):
+                 checkpoint=None, keep_checkpoint: bool = False, executor=None, weight1=None, weight2=None):
         """{'nngp': (N1, N2), 'ntk': (N1, N2)} float64 ((N1, N2, block) with output degrees);
-        x2=None computes the symmetric K(X1, X1). See `compute` for the other arguments."""
-        b1 = AtomBatch(x1, mol1, n1)
-        b2 = None if x2 is None else AtomBatch(x2, mol2, n2)
+        x2=None computes the symmetric K(X1, X1). `weight1`, `weight2`: per-atom amplitudes (None: 1; see
+        `AtomBatch`). See `compute` for the other arguments."""
+        b1 = AtomBatch(x1, mol1, n1, weight1)
+        b2 = None if x2 is None else AtomBatch(x2, mol2, n2, weight2)
         return self.compute(b1, b2, description=description, checkpoint=checkpoint,
                             keep_checkpoint=keep_checkpoint, executor=executor).as_dict()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eqkernels.environments import EnvironmentSpec, atom_environments, channel_scales
+from eqkernels.environments import EnvironmentSpec, atom_amplitudes, atom_environments, channel_scales
 from eqkernels.errors import InputError, ModelFileError
 from eqkernels.molecule_kernel import MoleculeKernel
 from eqkernels.pipelines.molecules import (NATIVE_UNITS, PROPERTY_NAMES, MoleculeSet, atom_references,
@@ -63,7 +63,7 @@ def kernel_change_under_motion(mk: MoleculeKernel, model_parts: dict, mols: Mole
                                 seed: int = 5) -> np.ndarray:
     """K(moved copies of `mols`, training) − K(`mols`, training), (len(mols), N): rotated, translated, permuted.
 
-    model_parts: {'x', 'mol', 'scale', 'l0_mean', 'env_spec'} of the training set; k_rows: the kernel rows
+    model_parts: {'x', 'mol', 'scale', 'l0_mean', 'env_spec', optional 'w' (atom amplitudes)} of the training set; k_rows: the kernel rows
     of the untransformed molecules. Zero for an exactly invariant kernel; the quadrature error otherwise.
     """
     p = model_parts
@@ -71,7 +71,8 @@ def kernel_change_under_motion(mk: MoleculeKernel, model_parts: dict, mols: Mole
     xm, molm = atom_environments(p["env_spec"], moved.numbers, moved.positions)
     xm = normalise_features(xm, p["scale"], p["l0_mean"])
     n_train = int(p["mol"].max()) + 1
-    k_moved = mk(xm, molm, len(mols), p["x"], p["mol"], n_train, description="invariance check")
+    k_moved = mk(xm, molm, len(mols), p["x"], p["mol"], n_train, description="invariance check",
+                 weight1=atom_amplitudes(p["env_spec"], moved.numbers), weight2=p.get("w"))
     k_moved = molecule_kernel_values(k_moved, p, moved.n_atoms, np.bincount(p["mol"], minlength=n_train))
     return k_moved - k_rows
 
@@ -122,6 +123,7 @@ class MoleculeModel:
     max_atoms: int
     ridge: float
     meta: dict = field(default_factory=dict)
+    w_train: np.ndarray | None = None  # (n_atoms,) molecule-kernel amplitudes of the training atoms (None: 1)
 
     @property
     def n_train(self) -> int:
@@ -133,6 +135,10 @@ class MoleculeModel:
     def features(self, mols: MoleculeSet) -> tuple[np.ndarray, np.ndarray]:
         x, mol = atom_environments(self.env_spec, mols.numbers, mols.positions)
         return normalise_features(x, self.channel_scale, self.l0_mean), mol
+
+    def amplitudes(self, mols: MoleculeSet) -> np.ndarray | None:
+        """Per-atom molecule-kernel amplitudes of `mols` (`EnvironmentSpec.element_amplitudes`; None: all 1)."""
+        return atom_amplitudes(self.env_spec, mols.numbers)
 
     @property
     def reduction(self) -> str:
@@ -152,7 +158,8 @@ class MoleculeModel:
         the training molecules, (len(mols), N); `executor`: where blocks run."""
         x, mol = self.features(mols)
         k = self.kernel(progress)(x, mol, len(mols), self.x_train, self.mol_train, self.n_train, executor=executor,
-                                  description=f"predicting {len(mols)} molecules")
+                                  description=f"predicting {len(mols)} molecules",
+                                  weight1=self.amplitudes(mols), weight2=self.w_train)
         return molecule_kernel_values(k, self.meta, mols.n_atoms, np.bincount(self.mol_train, minlength=self.n_train))
 
     def predict_parts(self, mols: MoleculeSet, *, check: bool = True, path=None, progress: bool | None = None,
@@ -184,6 +191,8 @@ class MoleculeModel:
         arrays = {"x_train": self.x_train, "mol_train": self.mol_train.astype(np.int32), "alpha": self.alpha,
                   "y_train": self.y_train,
                   "channel_scale": self.channel_scale, "l0_mean": self.l0_mean, "element_coef": self.element_coef}
+        if self.w_train is not None:
+            arrays["w_train"] = self.w_train
         return store.save(path, MODEL_KIND, meta, arrays)
 
 
@@ -202,6 +211,9 @@ def load_model(path: str | Path) -> MoleculeModel:
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"model metadata not understood by this version: {e}", path) from None
     refs = meta.get("atomrefs")
+    w_train = arrays.get("w_train")
+    if bool(env.element_amplitudes) != (w_train is not None):
+        raise ModelFileError("model's element amplitudes and its stored training-atom amplitudes disagree", path)
     known = {store.VERSION_KEY, "target", "unit", "native_unit", "env_spec", "kernel_spec", "max_atoms", "ridge",
              "atomrefs"}
     return MoleculeModel(target, unit, env, spec, arrays["channel_scale"], arrays["l0_mean"], arrays["x_train"],
@@ -209,7 +221,7 @@ def load_model(path: str | Path) -> MoleculeModel:
                          arrays["element_coef"],
                          None if refs is None else {int(k): float(v) for k, v in refs.items()},
                          int(meta["max_atoms"]), float(meta["ridge"]),
-                         {k: v for k, v in meta.items() if k not in known})
+                         {k: v for k, v in meta.items() if k not in known}, w_train)
 
 
 INVARIANCE_CHECK_MOLECULES = 8  # training molecules rotated in `fit_model` (cost: 8·N molecule pairs)
@@ -328,11 +340,14 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
     choice = {"atom_reduction": reduction, "kernel_output": kernel_output}
     unit, residual, element_coef, atomrefs = training_residual(train, target, unit, env_spec.elements, reduction)
     x, mol, scale, l0_mean = training_features(train, env_spec, centre_inputs)
+    w = atom_amplitudes(env_spec, train.numbers)
     mk = MoleculeKernel(kernel_spec, env_spec.l_max, progress=progress)
     n_check = min(INVARIANCE_CHECK_MOLECULES, len(train))
-    parts = {"x": x, "mol": mol, "scale": scale, "l0_mean": l0_mean, "env_spec": env_spec, **choice}
+    parts = {"x": x, "mol": mol, "scale": scale, "l0_mean": l0_mean, "env_spec": env_spec, "w": w, **choice}
     q_errors = quadrature_errors(kernel_spec, error_sample(x, mol))
     plan = None if inducing is None else plan_solver(len(train), inducing, stored_kernels=NYSTROM_STORED_KERNELS)
+    if w is not None and plan is not None and plan["solver"] == "nystrom":
+        raise InputError("element amplitudes are not supported by the Nyström solver; use --inducing exact")
     started = time.perf_counter()
     if plan is not None and plan["solver"] == "nystrom":  # the model keeps the inducing molecules as x, mol
         x, mol, residual, ridge, alpha, change, k_rows, plan = fit_nystrom(
@@ -341,7 +356,7 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
         kernel_seconds = time.perf_counter() - started  # the N×M row blocks with their check and CG
     else:
         k_train = mk(x, mol, len(train), description=f"training kernel ({len(train)} molecules)",
-                     checkpoint=checkpoint, executor=executor)
+                     checkpoint=checkpoint, executor=executor, weight1=w)
         # Read before the invariance check below reuses `mk` (its last_stats would then be that check's).
         kernel_seconds = mk.last_stats.seconds
         k_rows = k_train = molecule_kernel_values(k_train, choice, train.n_atoms, train.n_atoms)
@@ -353,4 +368,4 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
     info["invariance_error_rel_train"] = prediction_invariance(change, k_rows, alpha)
     info["dual_l1"] = float(np.sum(np.abs(alpha)))
     return MoleculeModel(target, unit, env_spec, kernel_spec, scale, l0_mean, x, mol, alpha, residual, element_coef,
-                         atomrefs, max_atoms or 2 * int(train.n_atoms.max()), float(ridge), info)
+                         atomrefs, max_atoms or 2 * int(train.n_atoms.max()), float(ridge), info, w)

@@ -39,7 +39,8 @@ def learning_curve(model: MoleculeModel, test: MoleculeSet, k_test: np.ndarray |
     n = model.n_train
     if sizes is None:
         sizes = sorted({max(2, n >> k) for k in range(5)} | {n})
-    k_train = model.kernel(progress)(model.x_train, model.mol_train, n, description="training kernel")
+    k_train = model.kernel(progress)(model.x_train, model.mol_train, n, description="training kernel",
+                                     weight1=model.w_train)
     n_atoms = np.bincount(model.mol_train, minlength=n)
     k_train = molecule_kernel_values(k_train, model.meta, n_atoms, n_atoms)
     if k_test is None:

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from eqkernels.environments import EnvironmentSpec
+from eqkernels.environments import EnvironmentSpec, atom_amplitudes
 from eqkernels.errors import InputError
 from eqkernels.molecule_kernel import MoleculeKernel
 from eqkernels.so3 import AtomKernelSpec
@@ -30,6 +30,9 @@ SEARCH_STEPS = (
     ("depth=3", {"depth": 3}, {}),
     ("l_max=4", {}, {"l_max": 4}),
     ("centre_weight=8", {}, {"centre_weight": 8.0}),
+    # issue 16 (benchmarks/results/element_pairs.json): H environments left out of the molecule sum,
+    # U0 CV MAE 296 → 249 meV at N = 300. Last, so earlier steps and their budget are as before.
+    ("h_amplitude=0", {}, {"amplitude_of_H": 0.0}),
 )
 # Ridges not below the float32 floor of `molecules.ridge_floor` (the final fit takes the chosen one as given).
 RIDGES = tuple(r for r in DEFAULT_RIDGES if r >= 1e-6)
@@ -43,7 +46,8 @@ def _cv_of_setting(train, residual, reduction, env: EnvironmentSpec, spec: AtomK
 
     x, mol, _, _ = mm.training_features(train, env)
     start = time.perf_counter()
-    k = MoleculeKernel(spec, env.l_max, progress=progress)(x, mol, len(train), description="tuning kernel")
+    k = MoleculeKernel(spec, env.l_max, progress=progress)(x, mol, len(train), description="tuning kernel",
+                                                           weight1=atom_amplitudes(env, train.numbers))
     seconds = time.perf_counter() - start
     candidates = {out: mm.molecule_kernel_values(k, {"kernel_output": out, "atom_reduction": reduction},
                                                  train.n_atoms, train.n_atoms) for out in ("ntk", "nngp")}
@@ -83,12 +87,16 @@ def tune(train, target: str, kernel: str, *, budget_seconds: float, unit=None, e
     best, seconds = _cv_of_setting(train, residual, reduction, env, spec, n_folds, progress)
     trials = [_trial("defaults", best, seconds, True)]
     for label, spec_change, env_change in SEARCH_STEPS:
+        if "amplitude_of_H" in env_change and reduction != "sum":
+            # measured for U0 only; HOMO (mean reduction) did not gain, and K/(n n') would still count H atoms
+            trials.append({"label": label, "skipped": "amplitudes are tried for summed (extensive) targets only"})
+            continue
         elapsed = time.perf_counter() - start
         cost = seconds * _cost_factor(spec, spec_change, env, env_change)
         if elapsed + cost + seconds * 1.5 > budget_seconds:  # keep time for the final fit of the chosen setting
             trials.append({"label": label, "skipped": f"estimated {cost:.0f} s exceeds the remaining budget"})
             continue
-        try_spec, try_env = dataclasses.replace(spec, **spec_change), dataclasses.replace(env, **env_change)
+        try_spec, try_env = dataclasses.replace(spec, **spec_change), _changed_env(env, env_change)
         result, step_seconds = _cv_of_setting(train, residual, reduction, try_env, try_spec, n_folds, progress)
         kept = result["cv_mae"] < best["cv_mae"]
         trials.append(_trial(label, result, step_seconds, kept))
@@ -105,9 +113,17 @@ def _trial(label: str, result: dict, seconds: float, kept: bool) -> dict:
             "seconds": seconds, "kept": kept}
 
 
+def _changed_env(env: EnvironmentSpec, change: dict) -> EnvironmentSpec:
+    """`env` with a step's changes; 'amplitude_of_H' sets hydrogen's molecule-kernel amplitude."""
+    change = dict(change)
+    if "amplitude_of_H" in change:
+        env = env.with_amplitude(1, change.pop("amplitude_of_H")) if 1 in env.elements else env
+    return dataclasses.replace(env, **change)
+
+
 def _cost_factor(spec: AtomKernelSpec, spec_change: dict, env: EnvironmentSpec, env_change: dict) -> float:
     """Rough cost of a step relative to the current setting: layers, channels, coefficients and neighbours."""
-    new_spec, new_env = dataclasses.replace(spec, **spec_change), dataclasses.replace(env, **env_change)
+    new_spec, new_env = dataclasses.replace(spec, **spec_change), _changed_env(env, env_change)
     factor = (new_spec.depth + 1) / (spec.depth + 1)
     factor *= (new_env.n_channels * new_env.n_coefficients) / (env.n_channels * env.n_coefficients)
     return factor * max(1.0, (new_env.l_max + 1) ** 3 / (env.l_max + 1) ** 3)
