@@ -284,6 +284,8 @@ def fit_tensor_model(train: MoleculeSet, target: str = "polarizability", kernel:
     env_spec = env_spec or EnvironmentSpec()
     kernel_spec = kernel_spec or AtomKernelSpec(kernel)
     check_molecules(train, env_spec.elements, path=train.source)
+    if env_spec.element_amplitudes:      # the matrix-valued pair sum has no per-atom weights
+        raise InputError("element amplitudes are not supported for vector and tensor targets")
     form, values = target_values(train, target)
     degrees = form.degrees
     coeffs = form.to_coefficients(convert_target_unit(values, native, native, unit))

@@ -88,3 +88,16 @@ def test_bad_amplitudes_are_refused():
         EnvironmentSpec(element_amplitudes=(1.0, 2.0))
     with pytest.raises(ValueError, match="element_amplitudes"):
         EnvironmentSpec(element_amplitudes=(-1.0, 1, 1, 1, 1))
+
+
+def test_tensor_targets_refuse_amplitudes():
+    """The matrix-valued pair sum has no per-atom weights: amplitudes must be refused, not ignored."""
+    from eqkernels.datasets import QM9_SAMPLE
+    from eqkernels.environments import EnvironmentSpec
+    from eqkernels.errors import InputError
+    from eqkernels.pipelines.molecules import load_molecules
+    from eqkernels.pipelines.molecules_tensor import fit_tensor_model
+
+    train = load_molecules(QM9_SAMPLE).subset(np.arange(4))
+    with pytest.raises(InputError, match="amplitudes"):
+        fit_tensor_model(train, env_spec=EnvironmentSpec().with_amplitude(1, 0.0), progress=False)
