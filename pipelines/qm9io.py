@@ -445,10 +445,7 @@ def attach_tensor(mols: MoleculeSet, path: str | Path, name: str = "polarizabili
     if frame not in ("coordinates", "principal-axes"):
         raise ValueError(f"frame must be 'coordinates' or 'principal-axes', not {frame!r}")
     indices, tensors = read_tensor_csv(path, prefix)
-    if "gdb_index" not in mols.extras:
-        raise InputError("these molecules carry no QM9 index to match tensor rows to", mols.source)
-    where = {int(i): k for k, i in enumerate(indices)}
-    rows = np.array([where.get(int(g), -1) for g in mols.extras["gdb_index"]])
+    rows = _rows_by_gdb_index(mols, indices, path)
     t = np.where((rows >= 0)[:, None, None], tensors[np.maximum(rows, 0)], np.nan) if len(rows) else np.zeros((0, 3, 3))
     if frame == "principal-axes":
         t = principal_frame_to_coordinates(mols.numbers, mols.positions, t)
