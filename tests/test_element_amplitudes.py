@@ -83,6 +83,28 @@ def test_model_keeps_its_amplitudes_through_save_and_load(mols, tmp_path):
     assert np.abs(k - k_heavy).max() <= 1e-5 * np.abs(k_heavy).max()  # float32 kernels, summation order
 
 
+def test_atoms_of_amplitude_zero_are_not_computed(mols):
+    """c_H = 0: the kernel visits only heavy-atom pairs (the saving) and still equals the double loop."""
+    env = EnvironmentSpec().with_amplitude(1, 0.0)
+    x, mol = atom_environments(env, mols.numbers, mols.positions)
+    x = (x * channel_scales(env, x)[None, :, None]).astype(np.float64)
+    c = atom_amplitudes(env, mols.numbers)
+    n_heavy = int(np.sum(c > 0))
+    assert 0 < n_heavy < len(c)
+    spec = AtomKernelSpec("mlp-so3avg", quadrature_degree=4)
+    with jax.experimental.enable_x64():
+        atom_kernel = AtomKernel(spec, env.l_max, dtype=jnp.float64)
+        p = atom_kernel.prepare(jnp.asarray(x))
+        k_atoms = np.asarray(atom_kernel.pair(p, p)[1])
+        mk = MoleculeKernel(spec, env.l_max, dtype=jnp.float64, tile=16, progress=False)
+        got = mk(x, mol, len(mols), x, mol, len(mols), weight1=c, weight2=c)["ntk"]
+    tiles = -(-n_heavy // 16)
+    assert mk.last_atom_pairs == (tiles * 16) ** 2     # heavy atoms' tiles only (all atoms: more tiles)
+    assert -(-len(c) // 16) > tiles
+    ref = _reference(k_atoms, c, mol, len(mols), c, mol, len(mols))
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-12
+
+
 def test_bad_amplitudes_are_refused():
     with pytest.raises(ValueError, match="element_amplitudes"):
         EnvironmentSpec(element_amplitudes=(1.0, 2.0))
