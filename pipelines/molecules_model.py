@@ -29,23 +29,26 @@ MODEL_VERSION = 1
 ATOMREF_TARGETS = ("U0", "U", "H", "G")
 
 
+# Smallest ridge the leave-one-out choice of `fit_dual` tries: float32 kernels carry ~1e-7 relative rounding.
+RIDGE_FLOOR = 1e-6
+
+
 def ridge_floor(kernel_error: float) -> float:
-    """Smallest ridge worth trying when kernel entries are known to relative precision `kernel_error`.
+    """Smallest ridge worth trying when kernel entries are known to relative precision `kernel_error`:
+    max(`RIDGE_FLOOR`, kernel_error). The tensor models and the compare pipeline still use it.
 
     `kernel_error` is the per-atom error relative to the largest kernel entry, measured where it is
     largest (self pairs and rotated copies: `so3.quadrature_errors`). The molecule kernel is a sum of
     atom kernels, so its entries err by at most that fraction of the matching sum of diagonal
-    scales; a relative ridge λ ≥ kernel_error (λ × mean diag added to the diagonal) keeps the
-    regularisation above the kernel's own uncertainty. Below it the fit follows the numerical error:
-    the dual coefficients grow and cancel, and the quadrature error is amplified into the predictions.
-    Float32 kernels carry ~1e-7 relative rounding, hence the 1e-6 minimum.
+    scales; a relative ridge λ ≥ kernel_error keeps the regularisation above that bound.
 
-    This floor alone does not bound what reaches the predictions: the dual coefficients cancel, and the
-    measured invariance error of fitted predictions was 30-110× the per-atom error (N = 200, ridge 1e-4 …
-    3e-5), growing as the ridge falls with the floor. So `fit_model` also refuses, at the default degree,
-    ridges whose predictions on rotated training molecules move by more than `INVARIANCE_TARGET`.
+    The bound is far too cautious for invariant scalar targets, so `fit_dual` no longer applies it (issue 16).
+    On QM9 U0 (N = 1,000, heavy-atom sums, 1,000 test molecules, degree 7: error 3.5e-4), 5-fold CV chose
+    1e-5 … 3e-5 below the floor, with test MAE 123 / 130 meV (NNGP / NTK) against 161 at the floor. CV on
+    molecules in arbitrary orientations does see the quadrature error: the degree-7 NTK's negative
+    eigenvalues blow the CV MAE up below 1e-6, and at degree 11 they do not.
     """
-    return max(1e-6, float(kernel_error))
+    return max(RIDGE_FLOOR, float(kernel_error))
 
 
 def error_sample(x: np.ndarray, mol: np.ndarray, max_atoms: int = 64) -> np.ndarray:
@@ -252,12 +255,14 @@ def quadrature_figures(meta: dict) -> dict:
 
 
 def fit_dual(spec: AtomKernelSpec, k_train: np.ndarray, residual: np.ndarray, ridge: float | None,
-              kernel_error: float, change: np.ndarray) -> tuple[float, np.ndarray]:
-    """(ridge, dual coefficients (N,)): the given ridge, or leave-one-out above `ridge_floor(kernel_error)`.
+             change: np.ndarray) -> tuple[float, np.ndarray]:
+    """(ridge, dual coefficients (N,)): the given ridge, or the leave-one-out choice above `RIDGE_FLOOR`.
 
-    At the default degree (or finer) the chosen ridge must also keep the invariance error of the fitted
-    predictions (`change`: kernel rows of rotated minus original training molecules) below
-    `INVARIANCE_TARGET`; a speed option only reports it.
+    Leave-one-out sees what the quadrature error does to held-out molecules, so it is not also floored at
+    the measured per-atom quadrature error (see `ridge_floor`). What it does not see is the invariance promise: at
+    the default degree (or finer) the chosen ridge must keep the invariance error of the fitted predictions
+    (`change`: kernel rows of rotated minus original training molecules) below `INVARIANCE_TARGET`; a
+    speed option only reports it (`invariance_error_rel_train` in the model).
     """
     if ridge is not None:
         if not ridge > 0:
@@ -266,7 +271,7 @@ def fit_dual(spec: AtomKernelSpec, k_train: np.ndarray, residual: np.ndarray, ri
     keeps_invariance = None
     if spec.name != "mlp" and spec.quadrature_degree >= DEFAULT_QUADRATURE_DEGREE:
         keeps_invariance = lambda a: prediction_invariance(change, k_train, a) <= INVARIANCE_TARGET  # noqa: E731
-    ridge, _, alpha = select_ridge_loo(k_train, residual, min_ridge=ridge_floor(kernel_error), admissible=keeps_invariance)
+    ridge, _, alpha = select_ridge_loo(k_train, residual, min_ridge=RIDGE_FLOOR, admissible=keeps_invariance)
     return ridge, alpha
 
 
@@ -351,7 +356,7 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
     started = time.perf_counter()
     if plan is not None and plan["solver"] == "nystrom":  # the model keeps the inducing molecules as x, mol
         x, mol, residual, ridge, alpha, change, k_rows, plan = fit_nystrom(
-            mk, train, parts, residual, plan, ridge=ridge, kernel_error=q_errors["max"], n_check=n_check,
+            mk, train, parts, residual, plan, ridge=ridge, n_check=n_check,
             seed=int((meta or {}).get("split_seed", 0)), executor=executor)
         kernel_seconds = time.perf_counter() - started  # the N×M row blocks with their check and CG
     else:
@@ -361,7 +366,7 @@ def fit_model(train: MoleculeSet, target: str = "U0", kernel: str = "so3gcnn", *
         kernel_seconds = mk.last_stats.seconds
         k_rows = k_train = molecule_kernel_values(k_train, choice, train.n_atoms, train.n_atoms)
         change = kernel_change_under_motion(mk, parts, train.subset(np.arange(n_check)), k_train[:n_check])
-        ridge, alpha = fit_dual(kernel_spec, k_train, residual, ridge, q_errors["max"], change)
+        ridge, alpha = fit_dual(kernel_spec, k_train, residual, ridge, change)
     info = {"n_train": len(train), "train_names": list(train.names)[:5000], "data": train.source,
             "kernel_seconds": kernel_seconds, **choice, **(meta or {}), **({"solver": plan} if plan else {})}
     info.update(quadrature_info(kernel_spec, q_errors))

@@ -47,7 +47,7 @@ def inducing_ntk(kernel: MoleculeKernel, x: np.ndarray, mol: np.ndarray, n: int,
 
 
 def fit_nystrom(kernel: MoleculeKernel, train, parts: dict, residual: np.ndarray, plan: dict, *,
-                ridge: float | None, kernel_error: float, n_check: int, seed: int = 0, executor=None) -> tuple:
+                ridge: float | None, n_check: int, seed: int = 0, executor=None) -> tuple:
     """Nyström-CG fit of the residual targets (N,) with plan['inducing'] inducing molecules.
 
     parts: {'x', 'mol', 'scale', 'l0_mean', 'env_spec'} of the N training molecules (as in `molecules_model.fit_model`).
@@ -64,7 +64,7 @@ def fit_nystrom(kernel: MoleculeKernel, train, parts: dict, residual: np.ndarray
                                          k_nm[:n_check])
     k_mm = k_nm[idx]
     given = ridge is not None
-    ridge, _ = fit_dual(kernel.spec, k_mm, residual[idx], ridge, kernel_error, change)
+    ridge, _ = fit_dual(kernel.spec, k_mm, residual[idx], ridge, change)
     solution = falkon_solve(k_nm, k_mm, residual, ridge=ridge)
     solver = dict(plan, rule="uniform", seed=seed, **solution.info(),
                   ridge_rule="given" if given else "leave-one-out on the inducing subproblem")

@@ -34,7 +34,7 @@ SEARCH_STEPS = (
     # U0 CV MAE 296 → 249 meV at N = 300. Last, so earlier steps and their budget are as before.
     ("h_amplitude=0", {}, {"amplitude_of_H": 0.0}),
 )
-# Ridges not below the float32 floor of `molecules.ridge_floor` (the final fit takes the chosen one as given).
+# Ridges not below the float32 floor `molecules_model.RIDGE_FLOOR` (the final fit takes the chosen one as given).
 RIDGES = tuple(r for r in DEFAULT_RIDGES if r >= 1e-6)
 PROBE_MOLECULES = 24   # molecules of the timing probe that sizes the first kernel before it is computed
 
