@@ -40,6 +40,7 @@ FCHL_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 SOAP_GRID = ((4.0, 6, 4), (5.0, 8, 4), (5.0, 8, 6))  # (r_cut Å, n_max, l_max)
 SOAP_ZETAS = (1, 2, 4, 8, 16)
 RIDGES = tuple(float(f"{r:.3g}") for r in 10.0 ** np.arange(-9, 0.25, 0.5))
+N_MOVED = 100  # test molecules whose rotated copies measure the eqkernels predictions' invariance
 
 
 def load_split(n_test: int):
@@ -59,10 +60,12 @@ def load_split(n_test: int):
     return mols, pool, test, y, counts
 
 
-def evaluate_target(k_train_by_label, k_test_fn, y, counts, tr, te, reduction, min_ridge=0.0):
+def evaluate_target(k_train_by_label, k_test_fn, y, counts, tr, te, reduction, min_ridge=0.0, k_moved_fn=None):
     """CV choice over the candidate training kernels, then test MAE of the chosen one.
 
-    k_train_by_label: {label: K (N, N) already reduced}; k_test_fn(label) → K (n_test, N) reduced.
+    k_train_by_label: {label: K (N, N) already reduced}; k_test_fn(label) → K (n_test, N) reduced;
+    k_moved_fn(label) → K (m, N) reduced of the first m test molecules moved (rotated, translated, permuted):
+    adds 'invariance_error' = max |Δ learned part| / rms(learned part on the test set).
     """
     from eqkernels.pipelines.molecules_model import baseline_inputs
     from eqkernels.solvers import solve_ridge_eigh
@@ -80,7 +83,13 @@ def evaluate_target(k_train_by_label, k_test_fn, y, counts, tr, te, reduction, m
     test_seconds = time.perf_counter() - t0
     err = feats[te] @ coef + k_test @ alpha - y[te]
     best_per_label = {k: min(v.values()) for k, v in choice["scores"].items()}
-    return {"chosen": choice["name"], "ridge": choice["ridge"], "cv_mae": choice["cv_mae"],
+    extra = {}
+    if k_moved_fn is not None:
+        learned = k_test @ alpha
+        change = k_moved_fn(choice["name"]) @ alpha - learned[:N_MOVED]
+        extra = {"invariance_error": float(np.max(np.abs(change)) / np.sqrt(np.mean(learned ** 2))),
+                 "invariance_max_change": float(np.max(np.abs(change))), "invariance_molecules": N_MOVED}
+    return {**extra, "chosen": choice["name"], "ridge": choice["ridge"], "cv_mae": choice["cv_mae"],
             "cv_mae_per_candidate": best_per_label, "mae": float(np.mean(np.abs(err))),
             "rmse": float(np.sqrt(np.mean(err ** 2))),
             "linear_only_mae": float(np.mean(np.abs(feats[te] @ coef - y[te]))),
@@ -184,17 +193,22 @@ def featuriser(mols, env, scale_idx):
     _, _, scale, l0_mean = mm.training_features(mols.subset(scale_idx), env)
 
     def feats(idx):
-        sub = mols.subset(idx)
+        sub = idx if hasattr(idx, "numbers") else mols.subset(idx)   # indices into `mols`, or a MoleculeSet
         x, mol = atom_environments(env, sub.numbers, sub.positions)
         return mp.normalise_features(x, scale, l0_mean), mol
     return feats
 
 
 def family_eqkernels(mols, pool, test, sizes, spec_dict, env_dict, quadrature):
-    """Molecule NTK and NNGP of one eqkernels per-atom kernel on the pool's first max(sizes) and the test set."""
-    from eqkernels.environments import EnvironmentSpec
+    """Molecule NTK and NNGP of one eqkernels per-atom kernel on the pool's first max(sizes) and the test set.
+
+    Also returns moved(label): the kernel rows of the first `N_MOVED` test molecules rotated, translated and
+    permuted (`transformed_copies`), so the benchmark reports how far the fitted predictions move.
+    """
+    from eqkernels.environments import EnvironmentSpec, atom_amplitudes
     from eqkernels.molecule_kernel import MoleculeKernel
     from eqkernels.pipelines import molecules_model as mm
+    from eqkernels.pipelines.molecules import transformed_copies
     from eqkernels.so3 import AtomKernelSpec, quadrature_error
 
     env = EnvironmentSpec(**{**BENCH_ENV, **env_dict})
@@ -202,23 +216,35 @@ def family_eqkernels(mols, pool, test, sizes, spec_dict, env_dict, quadrature):
     tr_idx = pool[:max(sizes)]
     feats = featuriser(mols, env, pool[:min(sizes)])  # channel scales and centring from the smallest training set
 
+    def side(idx):
+        sub = idx if hasattr(idx, "numbers") else mols.subset(idx)
+        x, m = feats(sub)
+        return x, m, len(sub), atom_amplitudes(env, sub.numbers)   # amplitudes 0 leave atoms out (c_H = 0)
+
     kernel = MoleculeKernel(spec, env.l_max, progress=False)
-    x_tr, m_tr = feats(tr_idx)
+    x_tr, m_tr, n_tr, w_tr = side(tr_idx)
     t0 = time.perf_counter()
-    train = kernel(x_tr, m_tr, len(tr_idx))
+    train = kernel(x_tr, m_tr, n_tr, weight1=w_tr)
     rate = len(tr_idx) ** 2 / 2 / (time.perf_counter() - t0)
-    cache = {}
+    cache, moved_cache = {}, {}
 
     def test_kernel(label):
         if not cache:
-            x_te, m_te = feats(test)
-            cache.update(kernel(x_te, m_te, len(test), x_tr, m_tr, len(tr_idx)))
+            x_te, m_te, n_te, w_te = side(test)
+            cache.update(kernel(x_te, m_te, n_te, x_tr, m_tr, n_tr, weight1=w_te, weight2=w_tr))
         return cache[label]
-    # Ridges below the kernel's measured precision fit the quadrature error (`molecules.ridge_floor`).
+
+    def moved(label):
+        if not moved_cache:
+            x_mv, m_mv, n_mv, w_mv = side(transformed_copies(mols.subset(test[:N_MOVED]), seed=1))
+            moved_cache.update(kernel(x_mv, m_mv, n_mv, x_tr, m_tr, n_tr, weight1=w_mv, weight2=w_tr))
+        return moved_cache[label]
+    # The ridge: CV above the float32 floor, as `fit_model`'s leave-one-out (`molecules_model.RIDGE_FLOOR`);
+    # the quadrature error is recorded, and the predictions' motion under rotation is measured instead.
     q_error = quadrature_error(spec, mm.error_sample(x_tr, m_tr)) if spec.invariant else 0.0
     info = {"spec": spec.to_dict(), "env": env.to_dict(), "train_pairs_per_s": rate, "quadrature_error": q_error,
-            "min_ridge": mm.ridge_floor(q_error)}
-    return {"ntk": train["ntk"], "nngp": train["nngp"]}, test_kernel, info
+            "min_ridge": mm.RIDGE_FLOOR}
+    return {"ntk": train["ntk"], "nngp": train["nngp"]}, test_kernel, info, moved
 
 
 def run_family(family: str, args: dict, queue) -> None:
@@ -226,14 +252,14 @@ def run_family(family: str, args: dict, queue) -> None:
     start = time.perf_counter()
     mols, pool, test, y, counts = load_split(args["n_test"])
     sizes = args["sizes"]
-    info = {}
+    info, moved_fn = {}, None
     if family == "fchl19":
         train, test_fn = family_fchl19(mols, pool, test, sizes)
     elif family == "soap":
         train, test_fn = family_soap(mols, pool, test, sizes)
     else:
         spec = args["specs"][family]
-        train, test_fn, info = family_eqkernels(mols, pool, test, sizes, spec["kernel_spec"], spec.get("env", {}),
+        train, test_fn, info, moved_fn = family_eqkernels(mols, pool, test, sizes, spec["kernel_spec"], spec.get("env", {}),
                                                 args["quadrature"])
     train_seconds = time.perf_counter() - start
     nmax = max(sizes)
@@ -250,9 +276,13 @@ def run_family(family: str, args: dict, queue) -> None:
                 if label not in test_cache:
                     test_cache[label] = test_fn(label)
                 return reduce(test_cache[label][:, :n], reduction, n_atoms[test], n_atoms[tr])
+
+            def k_moved(label):
+                return reduce(moved_fn(label)[:, :n], reduction, n_atoms[test[:N_MOVED]], n_atoms[tr])
             row = {"model": family, "n_train": n, "n_test": len(test), "target": target, "unit": unit,
                    "reduction": reduction, **evaluate_target(k_tr, k_test, y[target], counts, tr, test, reduction,
-                                                             info.get("min_ridge", 0.0))}
+                                                             info.get("min_ridge", 0.0),
+                                                             k_moved if moved_fn is not None else None)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     queue.put({"rows": rows, "info": info, "seconds": time.perf_counter() - start,
