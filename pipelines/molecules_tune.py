@@ -92,6 +92,9 @@ def tune(train, target: str, kernel: str, *, budget_seconds: float, unit=None, e
             # measured for U0 only; HOMO (mean reduction) did not gain, and K/(n n') would still count H atoms
             trials.append({"label": label, "skipped": "amplitudes are tried for summed (extensive) targets only"})
             continue
+        if "amplitude_of_H" in env_change and _changed_env(env, env_change) == env:
+            trials.append({"label": label, "skipped": "already the starting setting"})
+            continue
         elapsed = time.perf_counter() - start
         cost = seconds * _cost_factor(spec, spec_change, env, env_change)
         if elapsed + cost + seconds * 1.5 > budget_seconds:  # keep time for the final fit of the chosen setting

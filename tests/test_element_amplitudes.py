@@ -123,3 +123,22 @@ def test_tensor_targets_refuse_amplitudes():
     train = load_molecules(QM9_SAMPLE).subset(np.arange(4))
     with pytest.raises(InputError, match="amplitudes"):
         fit_tensor_model(train, env_spec=EnvironmentSpec().with_amplitude(1, 0.0), progress=False)
+
+
+def test_cli_sum_atoms_heavy_stores_c_h_zero_and_refuses_intensive_targets(tmp_path, cli):
+    from tests.conftest import one_line_error
+    from eqkernels.pipelines.molecules_model import load_model
+
+    out = tmp_path / "heavy.h5"
+    r = cli("molecules", "train", "--kernel", "mlp-so3avg", "--quadrature", "4", "--n-train", "10",
+            "--sum-atoms", "heavy", "--out", out)
+    assert r.code == 0, r
+    model = load_model(out)
+    assert model.env_spec.element_amplitudes == (0.0, 1.0, 1.0, 1.0, 1.0)
+    assert np.sum(model.w_train == 0) > 0 and np.all(model.w_train[model.w_train > 0] == 1.0)
+    bad = tmp_path / "homo.h5"
+    one_line_error(cli("molecules", "train", "--kernel", "mlp", "--target", "homo", "--n-train", "10",
+                       "--sum-atoms", "heavy", "--out", bad), "--sum-atoms heavy", "homo")
+    one_line_error(cli("molecules", "train", "--kernel", "mlp", "--n-train", "10", "--sum-atoms", "some",
+                       "--out", bad), "--sum-atoms")
+    assert not bad.exists()
