@@ -56,7 +56,8 @@ def train(
                                             "atom pairs (extensive) or averaged (intensive). Default: mean for homo, "
                                             "lumo, gap, mu; sum otherwise."),
     tune: bool = typer.Option(False, "--tune", help="Choose H out of the sum (summed targets), depth, bias, cutoff, "
-                              "radial channels, angular width, l_max, NTK/NNGP and ridge by 5-fold CV on the training set within --budget."),
+                              "radial channels, angular width, l_max, NTK/NNGP and ridge by 5-fold CV on the "
+                              "training set within --budget."),
     budget: float = typer.Option(600.0, "--budget", help="Seconds for --tune (search and final fit)."),
     sum_atoms: str = typer.Option("all", "--sum-atoms", help="all | heavy: the atoms whose environments the "
                                   "summed kernel adds up; 'heavy' leaves H out (H stay neighbours): on QM9 U0 "

@@ -16,7 +16,8 @@ For a symmetric training matrix only tiles j ≥ i are computed.
 
 Optional per-atom amplitudes c_i (`AtomBatch.weight`) give K(A, B) = Σ_{i∈A} Σ_{j∈B} c_i c_j k(env_i, env_j),
 the NNGP / NTK of F(A) = Σ_i c_i f(env_i); they scale the atoms' one-hot rows in the contraction, so they
-cost nothing, and atoms with c_i = 0 are left out of the tiles altogether. With c_i a function of atom i's element this is the element-pair weighting W_ab = c_a c_b
+cost nothing, and atoms with c_i = 0 are left out of the tiles altogether. With c_i a function of atom
+i's element this is the element-pair weighting W_ab = c_a c_b
 (`eqkernels.environments.EnvironmentSpec.element_amplitudes`), positive semi-definite for any c.
 
 With `output_degrees` the per-atom kernel is matrix-valued (`eqkernels.so3_equivariant`): every entry
