@@ -30,9 +30,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from molecules import BENCH_ENV  # noqa: E402
 from molecules_peers import RIDGES, featuriser, load_split  # noqa: E402
-
-CACHE = Path(os.environ.get("EQK_EXPLORE_CACHE", "/tmp/eqk-explore-u0"))
-RESULTS = Path(__file__).resolve().parent / "explore_u0"
+from u0_variants import CACHE, RESULTS  # noqa: E402  (the exploration's shared cache and log folder)
 
 
 def atom_kernels(cfg, mols, pool, test):
